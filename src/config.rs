@@ -1,0 +1,417 @@
+//! Configuration: defaults, then the TOML file, then `THORN_*` variables,
+//! validated into typed values.
+//!
+//! Loading is a pure function of the file's text and an environment map, so
+//! tests never touch the process environment. Every problem names its key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The file read when neither `--config` nor `THORN_CONFIG` names one.
+pub const DEFAULT_PATH: &str = "/etc/thorn/thorn.toml";
+
+/// Environment variables that are not config keys.
+const NOT_KEYS: &[&str] = &["THORN_CONFIG", "THORN_LOG"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(#[from] config::ConfigError),
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A connection string whose password never reaches a log.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                write!(f, "{u}")
+            }
+            Ok(u) => write!(f, "{u}"),
+            Err(_) if self.0.contains("password") => f.write_str("(key=value string, redacted)"),
+            Err(_) => f.write_str(&self.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dispatch {
+    /// Events claimed per dispatch transaction.
+    pub batch_size: u32,
+    /// Safety poll while asleep: the longest a missed wake-up can delay work.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// After the outbox runs dry, keep polling this long before sleeping on
+    /// NOTIFY, so a steady stream of events does not make writers notify.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Delays before the retries that follow the immediate first attempt.
+    #[serde(deserialize_with = "durations")]
+    pub retry_schedule: Vec<Duration>,
+    /// Requests in flight, over all subscribers.
+    pub concurrency: usize,
+    /// Requests in flight to one subscriber.
+    pub per_subscriber_concurrency: usize,
+    /// Deliveries claimed per query.
+    pub batch_size: u32,
+    /// How long a claimed delivery stays invisible to other daemons; if the
+    /// claimer dies, the delivery is sent again after this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Largest `Retry-After` honoured.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Bytes of a response body kept for operators.
+    pub max_response_bytes: usize,
+    /// Time in-flight requests get to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// Networks deliveries may reach although they are not global.
+    allow_networks: Vec<String>,
+    pub https_only: bool,
+    /// Ports deliveries may use; empty means any.
+    pub allowed_ports: Vec<u16>,
+    #[serde(skip)]
+    pub allowed: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    #[serde(with = "humantime_serde")]
+    pub delivered: Duration,
+    #[serde(with = "humantime_serde")]
+    pub dead: Duration,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database_url: DatabaseUrl,
+    pub log: Log,
+    pub dispatch: Dispatch,
+    pub delivery: Delivery,
+    pub security: Security,
+    pub retention: Retention,
+    pub metrics: Listen,
+    pub api: Listen,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Dispatch {
+    fn default() -> Self {
+        Dispatch {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(5),
+            linger: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        Delivery {
+            timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(2),
+            retry_schedule: vec![
+                Duration::from_secs(5),
+                minutes(5),
+                minutes(30),
+                minutes(2 * 60),
+                minutes(5 * 60),
+                minutes(10 * 60),
+                minutes(14 * 60),
+                minutes(20 * 60),
+                minutes(24 * 60),
+            ],
+            concurrency: 256,
+            per_subscriber_concurrency: 32,
+            batch_size: 256,
+            lease: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(3600),
+            max_response_bytes: 4096,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let days = |d: u64| Duration::from_secs(d * 86_400);
+        Retention {
+            delivered: days(7),
+            dead: days(30),
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: DatabaseUrl("postgres://postgres@localhost/postgres".into()),
+            log: Log::default(),
+            dispatch: Dispatch::default(),
+            delivery: Delivery::default(),
+            security: Security::default(),
+            retention: Retention::default(),
+            metrics: Listen::default(),
+            api: Listen::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Layers `file_text` (TOML) and the `THORN_*` entries of `env` over the
+    /// defaults, then validates.
+    pub fn load(
+        file_text: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let vars: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("THORN_") && !NOT_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(text) = file_text {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        }
+        let environment = config::Environment::with_prefix("THORN")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("delivery.retry_schedule")
+            .with_list_parse_key("security.allow_networks")
+            .with_list_parse_key("security.allowed_ports")
+            .try_parsing(true)
+            .source(Some(vars));
+        let mut cfg: Config = builder.add_source(environment).build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.database_url.0.trim().is_empty() {
+            return Err(invalid("database_url", "must not be empty"));
+        }
+        self.security.allowed = self
+            .security
+            .allow_networks
+            .iter()
+            .map(|s| parse_network(s))
+            .collect::<Result<_, _>>()
+            .map_err(|m| invalid("security.allow_networks", m))?;
+        let d = &self.delivery;
+        if d.timeout.is_zero() {
+            return Err(invalid("delivery.timeout", "must be more than 0s"));
+        }
+        if d.connect_timeout.is_zero() {
+            return Err(invalid("delivery.connect_timeout", "must be more than 0s"));
+        }
+        if d.lease < d.timeout * 2 {
+            return Err(invalid(
+                "delivery.lease",
+                format!(
+                    "must be at least twice delivery.timeout ({}), or a slow request could be sent twice",
+                    humantime::format_duration(d.timeout)
+                ),
+            ));
+        }
+        if d.concurrency == 0 {
+            return Err(invalid("delivery.concurrency", "must be at least 1"));
+        }
+        if d.per_subscriber_concurrency == 0 {
+            return Err(invalid(
+                "delivery.per_subscriber_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if d.batch_size == 0 {
+            return Err(invalid("delivery.batch_size", "must be at least 1"));
+        }
+        if self.dispatch.batch_size == 0 {
+            return Err(invalid("dispatch.batch_size", "must be at least 1"));
+        }
+        if self.dispatch.poll_interval.is_zero() {
+            return Err(invalid("dispatch.poll_interval", "must be more than 0s"));
+        }
+        if self.retention.interval.is_zero() {
+            return Err(invalid("retention.interval", "must be more than 0s"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A list of humantime durations ("5s", "2h").
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            humantime::parse_duration(s.trim())
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+        })
+        .collect()
+}
+
+/// A CIDR, or a single address standing for its own /32 or /128.
+fn parse_network(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR such as 10.0.0.0/8 or ::1/128"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = Config::load(None, &HashMap::new()).expect("defaults");
+        assert_eq!(cfg.delivery.timeout, Duration::from_secs(3));
+        assert_eq!(cfg.delivery.retry_schedule.len(), 9);
+        assert!(cfg.security.allowed.is_empty());
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let file = r#"
+            database_url = "postgres://a@b/c"
+            [delivery]
+            timeout = "1s"
+            retry_schedule = ["1s", "2s"]
+            [security]
+            allow_networks = ["127.0.0.0/8", "::1"]
+        "#;
+        let cfg = Config::load(
+            Some(file),
+            &env(&[
+                ("THORN_DATABASE_URL", "postgres://x@y/z"),
+                ("THORN_DELIVERY__TIMEOUT", "250ms"),
+                ("THORN_CONFIG", "/ignored"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.database_url.0, "postgres://x@y/z");
+        assert_eq!(cfg.delivery.timeout, Duration::from_millis(250));
+        assert_eq!(
+            cfg.delivery.retry_schedule,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(cfg.security.allowed.len(), 2);
+    }
+
+    #[test]
+    fn lists_from_the_environment() {
+        let cfg = Config::load(
+            None,
+            &env(&[
+                ("THORN_SECURITY__ALLOW_NETWORKS", "10.0.0.0/8,127.0.0.1"),
+                ("THORN_DELIVERY__RETRY_SCHEDULE", "1s,1m"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.security.allowed.len(), 2);
+        assert_eq!(cfg.delivery.retry_schedule[1], Duration::from_secs(60));
+    }
+
+    #[test]
+    fn problems_name_their_key() {
+        let bad = |text: &str| {
+            Config::load(Some(text), &HashMap::new())
+                .expect_err("invalid")
+                .to_string()
+        };
+        assert!(bad("[security]\nallow_networks = [\"nope\"]").contains("security.allow_networks"));
+        assert!(bad("[delivery]\ntimeout = \"soon\"").contains("timeout"));
+        assert!(bad("[delivery]\ntimeout = \"20s\"").contains("delivery.lease"));
+        assert!(bad("unknown_key = 1").contains("unknown_key"));
+        assert!(bad("[delivery]\ntimeuot = \"1s\"").contains("timeuot"));
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let url = DatabaseUrl("postgres://u:hunter2@h/db".into());
+        assert!(!format!("{url:?}").contains("hunter2"));
+    }
+}

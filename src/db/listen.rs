@@ -1,0 +1,83 @@
+//! The wake-up listener: one connection that LISTENs on channel `thorn` and
+//! turns notifications into a [`Notify`] for the dispatcher.
+//!
+//! NOTIFY is only a hint; the outbox is the truth. So after every
+//! (re)connect the listener wakes the dispatcher once, which sweeps the
+//! outbox for anything committed while nobody listened.
+
+use std::sync::Arc;
+
+use futures_util::{stream, StreamExt};
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::Backoff;
+
+pub const CHANNEL: &str = "thorn";
+
+/// Runs until `shutdown`; reconnects with backoff whenever the connection
+/// drops. `listening` is set while LISTEN is active (for readiness).
+pub async fn run(
+    url: String,
+    wake: Arc<Notify>,
+    listening: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let mut backoff = Backoff::new();
+    while !shutdown.is_cancelled() {
+        match super::connect_raw(&url).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                // The connection must be polled for LISTEN to complete, so
+                // drive it before issuing the command.
+                let driver = tokio::spawn(async move {
+                    let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => {
+                                if tx.send(()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(error) => {
+                                tracing::warn!(%error, "listener connection failed");
+                                break;
+                            }
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        backoff.reset();
+                        listening.store(true, Ordering::SeqCst);
+                        tracing::debug!("listening for wake-ups");
+                        wake.notify_one();
+                        loop {
+                            tokio::select! {
+                                got = rx.recv() => match got {
+                                    Some(()) => wake.notify_one(),
+                                    None => break,
+                                },
+                                _ = shutdown.cancelled() => break,
+                            }
+                        }
+                        listening.store(false, Ordering::SeqCst);
+                    }
+                    Err(error) => tracing::warn!(%error, "LISTEN failed"),
+                }
+                driver.abort();
+            }
+            Err(error) => tracing::warn!(%error, "listener cannot reach the database; retrying"),
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! PostgreSQL: connecting (with backoff), migrations, the wake-up listener
+//! and the queue queries. Every task owns its own connection, so one slow
+//! query never blocks another task, and a lost connection is re-made by the
+//! task that noticed it.
+
+pub mod listen;
+pub mod migrate;
+pub mod queue;
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_postgres::{Client, Connection, NoTls, Socket};
+use tokio_util::sync::CancellationToken;
+
+type RawConnection = Connection<Socket, tokio_postgres::tls::NoTlsStream>;
+
+/// Parses a connection string (URL or key=value) and names the session
+/// `thorn` unless the string already chose an application_name.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_application_name().is_none() {
+        config.application_name("thorn");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    Ok(config)
+}
+
+/// Opens a connection whose messages the caller drives (the listener needs
+/// its notifications).
+pub async fn connect_raw(url: &str) -> Result<(Client, RawConnection), tokio_postgres::Error> {
+    parse_url(url)?.connect(NoTls).await
+}
+
+/// Opens a connection driven by a background task.
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = connect_raw(url).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Jittered exponential backoff for reconnecting: 100 ms doubling to 10 s,
+/// each delay drawn from its upper half so daemons do not reconnect in step.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
+/// Connects, retrying with backoff until it works or `shutdown` fires
+/// (then `None`). `task` names the caller in the log line.
+pub async fn connect_retrying(
+    url: &str,
+    task: &str,
+    shutdown: &CancellationToken,
+) -> Option<Client> {
+    let mut backoff = Backoff::new();
+    loop {
+        match connect(url).await {
+            Ok(client) => return Some(client),
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(task, %error, retry_in = ?delay, "cannot reach the database; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX));
+        assert!(delays[11] >= Backoff::MAX / 2);
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,322 @@
+//! The queue queries: claiming events and fanning them out, claiming due
+//! deliveries under a lease, and recording outcomes in batches.
+//!
+//! Statements are prepared once per connection ([`Statements`]); every hot
+//! query works on a batch of rows through arrays (`unnest`, `ANY`).
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, GenericClient, Statement};
+use uuid::Uuid;
+
+use crate::matcher::{Pattern, Subscriber};
+use crate::sign::Secret;
+
+/// An outbox row waiting to be matched.
+#[derive(Debug)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub name: String,
+    pub sender: Option<String>,
+}
+
+/// A delivery this daemon now holds a lease on, with what sending it needs.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: Uuid,
+    /// Attempts already made before this one.
+    pub attempts: i32,
+    pub event_id: i64,
+    pub event: String,
+    pub reference: Option<String>,
+    pub sender: Option<String>,
+    pub data: String,
+    pub subscriber_id: Uuid,
+    pub url: String,
+    pub secret: Secret,
+    pub digest: String,
+    pub content_type: String,
+    pub active: bool,
+}
+
+/// How an attempt ended, as stored on the delivery row.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: Uuid,
+    /// `delivered`, `pending` (retry after `retry_in`) or `dead`.
+    pub state: &'static str,
+    pub retry_in: Duration,
+    pub status_code: Option<i32>,
+    pub error_class: Option<&'static str>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+    pub response: Option<String>,
+}
+
+const CLAIM_EVENTS: &str = "
+    SELECT id, name, sender FROM thorn.event
+    WHERE dispatched_at IS NULL
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED";
+
+const INSERT_DELIVERIES: &str = "
+    INSERT INTO thorn.delivery (id, event_id, subscriber_id)
+    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[])";
+
+const MARK_DISPATCHED: &str = "UPDATE thorn.event SET dispatched_at = now() WHERE id = ANY($1)";
+
+// A claim pushes next_attempt_at one lease ahead: that is the lease. An
+// ordered subscriber only ever has its oldest pending delivery claimed, which
+// also keeps it to one in flight. Locks only delivery rows (FOR UPDATE OF d),
+// so daemons never queue on a subscriber row.
+const CLAIM_DELIVERIES: &str = "
+    WITH due AS (
+        SELECT d.id FROM thorn.delivery d
+        WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+          AND d.subscriber_id <> ALL ($3::uuid[])
+          AND NOT EXISTS (
+              SELECT 1 FROM thorn.subscriber s
+              WHERE s.id = d.subscriber_id AND s.ordered
+                AND EXISTS (SELECT 1 FROM thorn.delivery p
+                            WHERE p.subscriber_id = d.subscriber_id AND p.state = 'pending'
+                              AND (p.event_id, p.created_at, p.id) < (d.event_id, d.created_at, d.id)))
+        ORDER BY d.next_attempt_at
+        LIMIT $1
+        FOR UPDATE OF d SKIP LOCKED
+    ), claimed AS (
+        UPDATE thorn.delivery d SET next_attempt_at = now() + $2::float8 * interval '1 second'
+        FROM due WHERE d.id = due.id
+        RETURNING d.id, d.attempts, d.event_id, d.subscriber_id
+    )
+    SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
+           s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active
+    FROM claimed c
+    JOIN thorn.event e ON e.id = c.event_id
+    JOIN thorn.subscriber s ON s.id = c.subscriber_id";
+
+const COMPLETE: &str = "
+    UPDATE thorn.delivery d SET
+        state = u.state,
+        attempts = d.attempts + 1,
+        last_attempt_at = now(),
+        next_attempt_at = CASE WHEN u.state = 'pending'
+                               THEN now() + u.delay_ms * interval '1 millisecond'
+                               ELSE d.next_attempt_at END,
+        status_code = u.status_code,
+        error_class = u.error_class,
+        error = u.error,
+        duration_ms = u.duration_ms,
+        response = u.response,
+        delivered_at = CASE WHEN u.state = 'delivered' THEN now() END
+    FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
+                $7::int4[], $8::text[])
+         AS u(id, state, delay_ms, status_code, error_class, error, duration_ms, response)
+    WHERE d.id = u.id AND d.state = 'pending'";
+
+/// The hot statements, prepared on one connection.
+pub struct Statements {
+    claim_events: Statement,
+    insert_deliveries: Statement,
+    mark_dispatched: Statement,
+    claim_deliveries: Statement,
+    complete: Statement,
+}
+
+impl Statements {
+    pub async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            claim_events: client.prepare(CLAIM_EVENTS).await?,
+            insert_deliveries: client.prepare(INSERT_DELIVERIES).await?,
+            mark_dispatched: client.prepare(MARK_DISPATCHED).await?,
+            claim_deliveries: client.prepare(CLAIM_DELIVERIES).await?,
+            complete: client.prepare(COMPLETE).await?,
+        })
+    }
+
+    pub async fn claim_events(
+        &self,
+        db: &impl GenericClient,
+        limit: i64,
+    ) -> Result<Vec<PendingEvent>, tokio_postgres::Error> {
+        let rows = db.query(&self.claim_events, &[&limit]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PendingEvent {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    sender: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_deliveries(
+        &self,
+        db: &impl GenericClient,
+        ids: &[Uuid],
+        events: &[i64],
+        subscribers: &[Uuid],
+    ) -> Result<u64, tokio_postgres::Error> {
+        db.execute(&self.insert_deliveries, &[&ids, &events, &subscribers])
+            .await
+    }
+
+    pub async fn mark_dispatched(
+        &self,
+        db: &impl GenericClient,
+        events: &[i64],
+    ) -> Result<u64, tokio_postgres::Error> {
+        db.execute(&self.mark_dispatched, &[&events]).await
+    }
+
+    pub async fn claim_deliveries(
+        &self,
+        db: &impl GenericClient,
+        limit: i64,
+        lease: Duration,
+        excluded: &[Uuid],
+    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+        let rows = db
+            .query(
+                &self.claim_deliveries,
+                &[&limit, &lease.as_secs_f64(), &excluded],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Claimed {
+                    id: r.try_get(0)?,
+                    attempts: r.try_get(1)?,
+                    event_id: r.try_get(2)?,
+                    event: r.try_get(3)?,
+                    reference: r.try_get(4)?,
+                    sender: r.try_get(5)?,
+                    data: r.try_get(6)?,
+                    subscriber_id: r.try_get(7)?,
+                    url: r.try_get(8)?,
+                    secret: Secret(r.try_get(9)?),
+                    digest: r.try_get(10)?,
+                    content_type: r.try_get(11)?,
+                    active: r.try_get(12)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn complete(
+        &self,
+        db: &impl GenericClient,
+        done: &[Completion],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let ids: Vec<Uuid> = done.iter().map(|c| c.id).collect();
+        let states: Vec<&str> = done.iter().map(|c| c.state).collect();
+        let delays: Vec<i64> = done
+            .iter()
+            .map(|c| i64::try_from(c.retry_in.as_millis()).unwrap_or(i64::MAX))
+            .collect();
+        let codes: Vec<Option<i32>> = done.iter().map(|c| c.status_code).collect();
+        let classes: Vec<Option<&str>> = done.iter().map(|c| c.error_class).collect();
+        let errors: Vec<Option<&str>> = done.iter().map(|c| c.error.as_deref()).collect();
+        let durations: Vec<i32> = done.iter().map(|c| c.duration_ms).collect();
+        let responses: Vec<Option<&str>> = done.iter().map(|c| c.response.as_deref()).collect();
+        db.execute(
+            &self.complete,
+            &[
+                &ids, &states, &delays, &codes, &classes, &errors, &durations, &responses,
+            ],
+        )
+        .await
+    }
+}
+
+/// The subscriber version, read before the subscribers it guards.
+pub async fn subscriber_version(db: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    db.query_one("SELECT version FROM thorn.subscriber_version", &[])
+        .await?
+        .try_get(0)
+}
+
+pub async fn active_subscribers(
+    db: &impl GenericClient,
+) -> Result<Vec<Subscriber>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT id, event, owner FROM thorn.subscriber WHERE active ORDER BY created_at, id",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Subscriber {
+                id: r.try_get(0)?,
+                pattern: Pattern::parse(r.try_get(1)?),
+                owner: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// Gives claimed deliveries back at once (the lease is dropped).
+pub async fn release(db: &impl GenericClient, ids: &[Uuid]) -> Result<u64, tokio_postgres::Error> {
+    db.execute(
+        "UPDATE thorn.delivery SET next_attempt_at = now() WHERE id = ANY($1) AND state = 'pending'",
+        &[&ids],
+    )
+    .await
+}
+
+/// Time until the earliest pending delivery is due (zero if one is due now).
+pub async fn next_due(db: &impl GenericClient) -> Result<Option<Duration>, tokio_postgres::Error> {
+    let secs: Option<f64> = db
+        .query_one(
+            "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+             FROM thorn.delivery WHERE state = 'pending'",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// Deactivates subscribers, keeping the reason for operators.
+pub async fn deactivate(
+    db: &impl GenericClient,
+    ids: &[Uuid],
+    reason: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    db.execute(
+        "UPDATE thorn.subscriber SET active = false, deactivated_reason = $2
+         WHERE id = ANY($1) AND active",
+        &[&ids, &reason],
+    )
+    .await
+}
+
+/// Asks capture triggers to NOTIFY: this session is about to sleep.
+pub async fn arm_wakeup(db: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "INSERT INTO thorn.waiter (pid) VALUES (pg_backend_pid()) ON CONFLICT (pid) DO NOTHING",
+        &[],
+    )
+    .await
+    .map(drop)
+}
+
+/// Stops the NOTIFYs this session asked for.
+pub async fn disarm_wakeup(db: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    db.execute("DELETE FROM thorn.waiter WHERE pid = pg_backend_pid()", &[])
+        .await
+        .map(drop)
+}
+
+/// Forgets waiters whose session is gone (a daemon that died asleep), so
+/// writers stop notifying for them.
+pub async fn forget_dead_waiters(db: &impl GenericClient) -> Result<u64, tokio_postgres::Error> {
+    db.execute(
+        "DELETE FROM thorn.waiter w
+         WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid)",
+        &[],
+    )
+    .await
+}

@@ -1,0 +1,405 @@
+//! The one HTTP client: guarded DNS, explicit timeouts, no redirects, no
+//! proxies, verified TLS; and the request of DESIGN.md §5.
+//!
+//! Literal IP hosts (in any spelling the URL parser accepts: 2130706433,
+//! 0x7f000001, 127.1, [::ffff:7f00:1]) never reach a resolver, so they are
+//! checked here before the request; names are checked in [`GuardedResolver`]
+//! on the addresses DNS returned, and only those addresses are connected to.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::{Host, Url};
+
+use super::guard::Guard;
+use crate::config::Config;
+use crate::db::queue::Claimed;
+use crate::payload::{ContentType, Envelope};
+use crate::sign::{self, Digest};
+
+pub const USER_AGENT: &str = concat!("thorn/", env!("CARGO_PKG_VERSION"));
+
+/// Why an attempt did not succeed, as the stable class stored in
+/// `thorn.delivery.error_class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A non-2xx answer (redirects included: they are never followed).
+    Status(u16),
+    Timeout,
+    Connect,
+    Dns,
+    Tls,
+    /// Refused by the address guard or the URL rules: never retried.
+    Blocked,
+    /// Anything else while sending or reading (a broken response, …).
+    Request,
+    /// The subscriber was deactivated after the delivery was created.
+    Inactive,
+    /// The row cannot be sent as stored (unknown digest or content type).
+    Invalid,
+}
+
+impl Failure {
+    pub fn class(self) -> &'static str {
+        match self {
+            Failure::Status(_) => "http_status",
+            Failure::Timeout => "timeout",
+            Failure::Connect => "connect",
+            Failure::Dns => "dns",
+            Failure::Tls => "tls",
+            Failure::Blocked => "blocked",
+            Failure::Request => "request",
+            Failure::Inactive => "inactive",
+            Failure::Invalid => "invalid",
+        }
+    }
+
+    /// Failures that no retry can cure.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Failure::Blocked | Failure::Inactive | Failure::Invalid | Failure::Status(410)
+        )
+    }
+}
+
+/// What one attempt produced.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub result: Result<u16, Failure>,
+    pub error: Option<String>,
+    pub duration: Duration,
+    /// The start of the response body, for operators.
+    pub response: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    #[error("{0} resolves only to addresses that deliveries may not reach")]
+    Blocked(String),
+    #[error("cannot resolve {0}: {1}")]
+    Lookup(String, #[source] std::io::Error),
+}
+
+/// Resolves with the system resolver, then keeps only permitted addresses.
+struct GuardedResolver {
+    guard: Guard,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| ResolveError::Lookup(host.clone(), e))?;
+            let permitted: Vec<SocketAddr> = found.filter(|a| guard.permits(a.ip())).collect();
+            if permitted.is_empty() {
+                return Err(ResolveError::Blocked(host).into());
+            }
+            Ok(Box::new(permitted.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Sends deliveries. Cheap to clone: the connection pool is shared.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    guard: Guard,
+    https_only: bool,
+    allowed_ports: Arc<[u16]>,
+    max_response_bytes: usize,
+}
+
+impl Client {
+    pub fn new(config: &Config) -> Result<Client, reqwest::Error> {
+        let guard = Guard::new(config.security.allowed.clone());
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(config.delivery.timeout)
+            .connect_timeout(config.delivery.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .dns_resolver(Arc::new(GuardedResolver {
+                guard: guard.clone(),
+            }))
+            .build()?;
+        Ok(Client {
+            http,
+            guard,
+            https_only: config.security.https_only,
+            allowed_ports: config.security.allowed_ports.clone().into(),
+            max_response_bytes: config.delivery.max_response_bytes,
+        })
+    }
+
+    /// Checks a URL against the rules that need no DNS: scheme, port, and
+    /// literal addresses. The message never contains more than the URL's host.
+    pub fn check_url(&self, raw: &str) -> Result<Url, String> {
+        let url = Url::parse(raw).map_err(|e| format!("not a URL: {e}"))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if !self.https_only => {}
+            "http" => return Err("plain http is refused (security.https_only)".into()),
+            other => return Err(format!("scheme {other} is not http or https")),
+        }
+        let port = url.port_or_known_default().unwrap_or(0);
+        if !self.allowed_ports.is_empty() && !self.allowed_ports.contains(&port) {
+            return Err(format!("port {port} is not in security.allowed_ports"));
+        }
+        let literal = match url.host() {
+            Some(Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+            Some(Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+            Some(Host::Domain(_)) => None,
+            None => return Err("the URL has no host".into()),
+        };
+        if let Some(ip) = literal {
+            if !self.guard.permits(ip) {
+                return Err(format!("{ip} is not a global address"));
+            }
+        }
+        Ok(url)
+    }
+
+    /// Makes one attempt at a delivery.
+    pub async fn attempt(&self, d: &Claimed) -> Attempt {
+        let started = Instant::now();
+        let finish = |result, error: Option<String>| Attempt {
+            result,
+            error,
+            duration: started.elapsed(),
+            response: None,
+            retry_after: None,
+        };
+        if !d.active {
+            return finish(
+                Err(Failure::Inactive),
+                Some("the subscriber is not active".into()),
+            );
+        }
+        let url = match self.check_url(&d.url) {
+            Ok(url) => url,
+            Err(message) => return finish(Err(Failure::Blocked), Some(message)),
+        };
+        let (Ok(digest), Some(content_type)) = (
+            d.digest.parse::<Digest>(),
+            ContentType::from_column(&d.content_type),
+        ) else {
+            return finish(
+                Err(Failure::Invalid),
+                Some("unknown hmac_digest or content_type".into()),
+            );
+        };
+        let body = Envelope {
+            event: &d.event,
+            reference: d.reference.as_deref(),
+            sender: d.sender.as_deref(),
+            data: &d.data,
+        }
+        .encode(content_type);
+        let id = d.id.to_string();
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+        let request = self
+            .http
+            .post(url)
+            .header("Content-Type", content_type.header_value())
+            .header("Hook-Event", &d.event)
+            .header("Hook-Delivery", &id)
+            .header("Hook-Subscription", d.subscriber_id.to_string())
+            .header("Hook-HMAC", sign::hook_hmac(digest, &d.secret.0, &body))
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                sign::webhook_signature(&d.secret.0, &id, timestamp, &body),
+            )
+            .body(body);
+
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                let failure = classify(&error);
+                return finish(Err(failure), Some(describe(&error)));
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let (response_text, read_error) = self.read_capped(response).await;
+        let mut attempt = if status.is_success() {
+            finish(Ok(status.as_u16()), None)
+        } else {
+            finish(
+                Err(Failure::Status(status.as_u16())),
+                Some(format!("HTTP {status}")),
+            )
+        };
+        if let Some(error) = read_error {
+            // A 2xx is a 2xx even if the body then broke off: the receiver
+            // has the delivery. Other answers keep their status class.
+            attempt.error.get_or_insert(error);
+        }
+        attempt.response = response_text;
+        attempt.retry_after = retry_after;
+        attempt
+    }
+
+    /// Reads at most `max_response_bytes` of a body, never the whole of a
+    /// large one; the total timeout bounds a slow drip.
+    async fn read_capped(
+        &self,
+        mut response: reqwest::Response,
+    ) -> (Option<String>, Option<String>) {
+        let mut kept = Vec::new();
+        while kept.len() < self.max_response_bytes {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = self.max_response_bytes - kept.len();
+                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) => break,
+                Err(error) => return (text(kept), Some(describe(&error))),
+            }
+        }
+        (text(kept), None)
+    }
+}
+
+fn text(bytes: Vec<u8>) -> Option<String> {
+    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).replace('\0', ""))
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate_parse(value)?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn httpdate_parse(value: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(value).ok().or_else(|| {
+        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
+        let parts: Vec<&str> = value.split_whitespace().collect();
+        let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
+            return None;
+        };
+        let month = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ]
+        .iter()
+        .position(|m| m == month)?
+            + 1;
+        let stamp = format!("{year}-{month:02}-{:02}T{time}Z", day.parse::<u8>().ok()?);
+        humantime::parse_rfc3339(&stamp).ok()
+    })
+}
+
+/// The class of a transport error, found by walking its causes.
+fn classify(error: &reqwest::Error) -> Failure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(resolve) = e.downcast_ref::<ResolveError>() {
+            return match resolve {
+                ResolveError::Blocked(_) => Failure::Blocked,
+                ResolveError::Lookup(..) => Failure::Dns,
+            };
+        }
+        source = e.source();
+    }
+    if error.is_timeout() {
+        return Failure::Timeout;
+    }
+    let chain = describe(error).to_ascii_lowercase();
+    if chain.contains("certificate") || chain.contains("tls") || chain.contains("handshake") {
+        Failure::Tls
+    } else if error.is_connect() {
+        Failure::Connect
+    } else {
+        Failure::Request
+    }
+}
+
+/// An error and its causes on one line. reqwest errors name the URL; keep
+/// only its host side so query strings (which may carry tokens) stay out.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut source = Some(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.iter().any(|p: &String| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    let line = parts.join(": ");
+    match line.find(" for url (") {
+        Some(i) => {
+            let rest = &line[i..];
+            let end = rest.find(')').map_or(line.len(), |j| i + j + 1);
+            format!("{}{}", &line[..i], &line[end..])
+        }
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert!(parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT")
+            .is_some_and(|d| d > Duration::from_secs(86400)));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn url_rules() {
+        let mut config = Config::default();
+        let client = Client::new(&config).expect("client");
+        for bad in [
+            "http://127.0.0.1/",
+            "http://2130706433/",
+            "http://0x7f000001/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://[::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://169.254.169.254/latest/meta-data",
+            "ftp://example.com/",
+            "http://",
+        ] {
+            assert!(client.check_url(bad).is_err(), "{bad} must be refused");
+        }
+        assert!(client.check_url("https://example.com/hook").is_ok());
+        config.security.https_only = true;
+        config.security.allowed_ports = vec![443];
+        let strict = Client::new(&config).expect("client");
+        assert!(strict.check_url("http://example.com/").is_err());
+        assert!(strict.check_url("https://example.com:8443/").is_err());
+        assert!(strict.check_url("https://example.com/").is_ok());
+    }
+}

@@ -1,0 +1,89 @@
+//! Records attempt outcomes in batches: one UPDATE for everything that
+//! finished since the last write, so the database sees a few statements per
+//! second instead of one per request.
+//!
+//! If the connection fails, the batch is kept and written after reconnecting;
+//! if the process dies first, the leases run out and the deliveries are sent
+//! again (at-least-once).
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{self, queue};
+
+/// Largest batch written at once.
+const MAX_BATCH: usize = 1000;
+
+pub struct Done {
+    pub completion: queue::Completion,
+    pub subscriber_id: Uuid,
+    /// Set when the answer was 410 Gone.
+    pub gone: bool,
+}
+
+/// Runs until every sender has dropped its channel end and the queue is
+/// written. `retry_scheduled` wakes the claimer so it can plan its next poll.
+pub async fn run(url: String, mut rx: mpsc::Receiver<Done>, retry_scheduled: Arc<Notify>) {
+    // Outlives shutdown on purpose: it stops when the senders are gone.
+    let never = CancellationToken::new();
+    let mut batch: Vec<Done> = Vec::new();
+    let mut backoff = db::Backoff::new();
+    'connect: while let Some(client) = db::connect_retrying(&url, "completer", &never).await {
+        let statements = match queue::Statements::prepare(&client).await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%error, "completer cannot prepare its statements");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        loop {
+            if batch.is_empty() {
+                match rx.recv().await {
+                    Some(done) => batch.push(done),
+                    None => return,
+                }
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(done) => batch.push(done),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if let Err(error) = write(&client, &statements, &batch).await {
+                tracing::warn!(%error, pending = batch.len(), "cannot record outcomes; reconnecting");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue 'connect;
+            }
+            backoff.reset();
+            if batch.iter().any(|d| d.completion.state == "pending") {
+                retry_scheduled.notify_one();
+            }
+            batch.clear();
+        }
+    }
+}
+
+async fn write(
+    client: &tokio_postgres::Client,
+    statements: &queue::Statements,
+    batch: &[Done],
+) -> Result<(), tokio_postgres::Error> {
+    let completions: Vec<queue::Completion> = batch.iter().map(|d| d.completion.clone()).collect();
+    statements.complete(client, &completions).await?;
+    let gone: Vec<Uuid> = batch
+        .iter()
+        .filter(|d| d.gone)
+        .map(|d| d.subscriber_id)
+        .collect();
+    if !gone.is_empty() {
+        let n = queue::deactivate(client, &gone, "410 Gone").await?;
+        if n > 0 {
+            tracing::warn!(subscribers = ?gone, "deactivated subscribers that answered 410 Gone");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! The sender: claims due deliveries and sends each in its own task.
+//!
+//! Concurrency is bounded twice: a semaphore over all requests, and a count
+//! per subscriber. A subscriber at its limit is left out of the next claim,
+//! and deliveries claimed beyond it are handed back at once, so one slow
+//! endpoint holds at most its own share of the slots and never a lease it
+//! cannot use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::client::{self, Attempt, Failure};
+use super::complete::Done;
+use super::retry;
+use crate::config::Delivery as Settings;
+use crate::db::{self, queue};
+
+/// Longest sleep between claims when nothing is due.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// In-flight requests per subscriber.
+#[derive(Default)]
+struct InFlight(Mutex<HashMap<Uuid, usize>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, usize>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn try_enter(&self, id: Uuid, limit: usize) -> bool {
+        let mut map = self.lock();
+        let n = map.entry(id).or_insert(0);
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn leave(&self, id: Uuid) {
+        let mut map = self.lock();
+        if let Some(n) = map.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&id);
+            }
+        }
+    }
+
+    fn saturated(&self, limit: usize) -> Vec<Uuid> {
+        self.lock()
+            .iter()
+            .filter(|(_, &n)| n >= limit)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+}
+
+pub struct Worker {
+    pub url: String,
+    pub settings: Settings,
+    pub client: client::Client,
+    /// Woken by the dispatcher (new deliveries) and the completer (retries).
+    pub ready: Arc<Notify>,
+    pub done: mpsc::Sender<Done>,
+    pub tracker: TaskTracker,
+}
+
+impl Worker {
+    /// Claims and sends until `shutdown`; then stops claiming. In-flight
+    /// requests are tracked by `tracker` for the caller to await.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.settings.concurrency));
+        let in_flight = Arc::new(InFlight::default());
+        let mut backoff = db::Backoff::new();
+        while let Some(client) = db::connect_retrying(&self.url, "sender", &shutdown).await {
+            match self.serve(&client, &slots, &in_flight, &shutdown).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "sender lost its database connection; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        client: &Client,
+        slots: &Arc<Semaphore>,
+        in_flight: &Arc<InFlight>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), tokio_postgres::Error> {
+        let statements = queue::Statements::prepare(client).await?;
+        let batch = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
+        let limit = self.settings.per_subscriber_concurrency;
+        loop {
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return Ok(()),
+                },
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let mut permits = vec![first];
+            while permits.len() < batch {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wanted = permits.len();
+            let excluded = in_flight.saturated(limit);
+            let claimed = statements
+                .claim_deliveries(client, wanted as i64, self.settings.lease, &excluded)
+                .await?;
+            let got = claimed.len();
+            let mut over_limit = Vec::new();
+            for delivery in claimed {
+                if !in_flight.try_enter(delivery.subscriber_id, limit) {
+                    over_limit.push(delivery.id);
+                    continue;
+                }
+                let Some(permit) = permits.pop() else {
+                    over_limit.push(delivery.id);
+                    continue;
+                };
+                self.spawn_send(delivery, permit, in_flight.clone());
+            }
+            drop(permits);
+            if !over_limit.is_empty() {
+                queue::release(client, &over_limit).await?;
+            }
+            if got == wanted && over_limit.is_empty() {
+                continue;
+            }
+            // Caught up: sleep until new work, the next due retry or the
+            // safety poll, whichever is first.
+            let due = queue::next_due(client).await?.unwrap_or(Duration::MAX);
+            let sleep = if !due.is_zero() {
+                due.min(IDLE_POLL)
+            } else if excluded.is_empty() && over_limit.is_empty() {
+                continue;
+            } else {
+                // What is due belongs to subscribers at their limit: a
+                // finishing request wakes us.
+                IDLE_POLL
+            };
+            tokio::select! {
+                _ = self.ready.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    fn spawn_send(
+        &self,
+        delivery: queue::Claimed,
+        permit: OwnedSemaphorePermit,
+        in_flight: Arc<InFlight>,
+    ) {
+        let client = self.client.clone();
+        let done = self.done.clone();
+        let ready = self.ready.clone();
+        let settings = self.settings.clone();
+        self.tracker.spawn(async move {
+            let attempt = client.attempt(&delivery).await;
+            let record = outcome(&delivery, &attempt, &settings);
+            in_flight.leave(delivery.subscriber_id);
+            drop(permit);
+            // A freed slot may be what the claimer waits for.
+            ready.notify_one();
+            // The completer outlives every sender, so this only fails if it
+            // crashed; the lease then brings the delivery back.
+            let _ = done.send(record).await;
+        });
+    }
+}
+
+/// Turns an attempt into the row update, deciding retry or death.
+fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
+    let attempts = u32::try_from(d.attempts).unwrap_or(0) + 1;
+    let duration_ms = i32::try_from(attempt.duration.as_millis()).unwrap_or(i32::MAX);
+    let (state, retry_in, status_code, class) = match attempt.result {
+        Ok(code) => ("delivered", Duration::ZERO, Some(i32::from(code)), None),
+        Err(failure) => {
+            let code = match failure {
+                Failure::Status(code) => Some(i32::from(code)),
+                _ => None,
+            };
+            let next = if failure.is_final() {
+                None
+            } else {
+                retry::next_delay(
+                    attempts,
+                    &settings.retry_schedule,
+                    attempt.retry_after,
+                    settings.max_retry_after,
+                )
+            };
+            let state = if next.is_some() { "pending" } else { "dead" };
+            tracing::info!(
+                delivery_id = %d.id,
+                subscriber = %d.subscriber_id,
+                attempt = attempts,
+                error_class = failure.class(),
+                status = code,
+                error = attempt.error.as_deref().unwrap_or(""),
+                retry_in = ?next,
+                "delivery failed"
+            );
+            (state, next.unwrap_or_default(), code, Some(failure.class()))
+        }
+    };
+    Done {
+        completion: queue::Completion {
+            id: d.id,
+            state,
+            retry_in,
+            status_code,
+            error_class: class,
+            error: attempt.error.clone(),
+            duration_ms,
+            response: attempt.response.clone(),
+        },
+        subscriber_id: d.subscriber_id,
+        gone: attempt.result == Err(Failure::Status(410)),
+    }
+}

@@ -1,0 +1,149 @@
+//! The dispatcher: turns outbox events into delivery rows.
+//!
+//! In one transaction it claims a batch of pending events (SKIP LOCKED, so
+//! several daemons share the outbox), matches them against the active
+//! subscribers, inserts the deliveries and marks the events dispatched. A
+//! daemon dying mid-batch rolls the transaction back: nothing is lost.
+//!
+//! It also owns the wake-up protocol of DESIGN.md §4: while work keeps
+//! coming it polls; once the outbox has been dry for `linger` it registers
+//! as a waiter (so writers start to NOTIFY), sweeps once more, and sleeps
+//! until a NOTIFY or the safety poll.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Dispatch as Settings;
+use crate::db::{self, queue};
+use crate::matcher::Matcher;
+
+/// How often the outbox is polled while lingering.
+const LINGER_POLL: Duration = Duration::from_millis(2);
+
+pub struct Dispatcher {
+    pub url: String,
+    pub settings: Settings,
+    /// Woken by the listener (NOTIFY, reconnects).
+    pub wake: Arc<Notify>,
+    /// Woken here when new deliveries exist.
+    pub deliveries_ready: Arc<Notify>,
+}
+
+impl Dispatcher {
+    /// Runs until `shutdown`; a lost connection is re-made.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = db::Backoff::new();
+        while let Some(client) = db::connect_retrying(&self.url, "dispatcher", &shutdown).await {
+            match self.serve(client, &shutdown).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "dispatcher lost its database connection; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        mut client: Client,
+        shutdown: &CancellationToken,
+    ) -> Result<(), tokio_postgres::Error> {
+        let statements = queue::Statements::prepare(&client).await?;
+        queue::forget_dead_waiters(&client).await?;
+        let mut matcher = Matcher::default();
+        let mut last_work = Instant::now();
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if self
+                .dispatch_batch(&mut client, &statements, &mut matcher)
+                .await?
+                > 0
+            {
+                last_work = Instant::now();
+                continue;
+            }
+            if last_work.elapsed() < self.settings.linger {
+                tokio::select! {
+                    _ = tokio::time::sleep(LINGER_POLL) => {}
+                    _ = self.wake.notified() => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                continue;
+            }
+            // Dry for a while: ask writers to notify, then sweep once more
+            // for anything committed before they could see the request.
+            queue::arm_wakeup(&client).await?;
+            if self
+                .dispatch_batch(&mut client, &statements, &mut matcher)
+                .await?
+                == 0
+            {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            queue::disarm_wakeup(&client).await?;
+            last_work = Instant::now();
+        }
+    }
+
+    /// Dispatches one batch; returns how many events it took.
+    async fn dispatch_batch(
+        &self,
+        client: &mut Client,
+        statements: &queue::Statements,
+        matcher: &mut Matcher,
+    ) -> Result<usize, tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        let events = statements
+            .claim_events(&tx, i64::from(self.settings.batch_size))
+            .await?;
+        if events.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        // Read the version first: a change committed in between makes the
+        // cache older than its tag, and the next batch reloads it.
+        let version = queue::subscriber_version(&tx).await?;
+        if version != matcher.version {
+            *matcher = Matcher::new(version, queue::active_subscribers(&tx).await?);
+        }
+
+        let mut ids = Vec::new();
+        let mut event_ids = Vec::new();
+        let mut subscribers = Vec::new();
+        for event in &events {
+            for subscriber in matcher.recipients(&event.name, event.sender.as_deref()) {
+                ids.push(Uuid::now_v7());
+                event_ids.push(event.id);
+                subscribers.push(subscriber);
+            }
+        }
+        if !ids.is_empty() {
+            statements
+                .insert_deliveries(&tx, &ids, &event_ids, &subscribers)
+                .await?;
+        }
+        let dispatched: Vec<i64> = events.iter().map(|e| e.id).collect();
+        statements.mark_dispatched(&tx, &dispatched).await?;
+        tx.commit().await?;
+        tracing::debug!(events = events.len(), deliveries = ids.len(), "dispatched");
+        if !ids.is_empty() {
+            self.deliveries_ready.notify_one();
+        }
+        Ok(events.len())
+    }
+}
