@@ -1,0 +1,381 @@
+//! Capture: what the generated triggers write to the outbox.
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::support::TestDb;
+
+const ARTICLE: &str = "CREATE TABLE public.article (
+    id serial PRIMARY KEY, title text NOT NULL, state text NOT NULL DEFAULT 'draft',
+    author text, password_hash text)";
+
+/// (name, ref, sender, data) of every event, in order.
+async fn events(db: &Client) -> Vec<(String, Option<String>, Option<String>, serde_json::Value)> {
+    db.query(
+        "SELECT name, ref, sender, data FROM thorn.event ORDER BY id",
+        &[],
+    )
+    .await
+    .expect("events")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+async fn names(db: &Client) -> Vec<String> {
+    events(db).await.into_iter().map(|e| e.0).collect()
+}
+
+#[tokio::test]
+async fn default_event_names_for_create_change_delete() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article');
+         INSERT INTO article (title) VALUES ('a');
+         UPDATE article SET title = 'b';
+         DELETE FROM article;",
+    )
+    .await
+    .expect("writes");
+    assert_eq!(
+        names(&db).await,
+        ["article.created", "article.changed", "article.removed"]
+    );
+}
+
+#[tokio::test]
+async fn model_name_and_null_disables_an_event() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', model => 'post', on_change => NULL,
+                                    on_delete => 'post.gone');
+         INSERT INTO article (title) VALUES ('a');
+         UPDATE article SET title = 'b';
+         DELETE FROM article;",
+    )
+    .await
+    .expect("writes");
+    assert_eq!(names(&db).await, ["post.created", "post.gone"]);
+    let model: (String, Option<String>) = db
+        .query_one("SELECT model, on_change FROM thorn.model", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("model row");
+    assert_eq!(model, ("post".to_owned(), None));
+}
+
+#[tokio::test]
+async fn custom_conditional_event() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', on_create => NULL, on_change => NULL, on_delete => NULL);
+         SELECT thorn.webhook_event('public.article', 'article.published', fires_on => 'change',
+             condition => $$NEW.state = 'published' AND OLD.state IS DISTINCT FROM 'published'$$);
+         SELECT thorn.webhook_event('public.article', 'article.drafted', fires_on => 'create',
+             condition => $$new.state = 'draft'$$);
+         INSERT INTO article (title) VALUES ('a'), ('b');
+         INSERT INTO article (title, state) VALUES ('c', 'published');
+         UPDATE article SET state = 'published' WHERE title = 'a';
+         UPDATE article SET title = 'a2' WHERE title = 'a';",
+    )
+    .await
+    .expect("writes");
+    let got = events(&db).await;
+    let summary: Vec<(&str, &str)> = got
+        .iter()
+        .map(|e| (e.0.as_str(), e.3["title"].as_str().expect("title")))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("article.drafted", "a"),
+            ("article.drafted", "b"),
+            ("article.published", "a")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn watch_limits_change_events_and_no_op_updates_emit_nothing() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', on_create => NULL, watch => ARRAY['state']);
+         INSERT INTO article (title) VALUES ('a'), ('b');
+         UPDATE article SET title = 'changed';            -- not watched
+         UPDATE article SET state = state;                -- no change at all
+         UPDATE article SET state = 'x' WHERE title = 'nothing matches';
+         UPDATE article SET state = 'published' WHERE id = 1;",
+    )
+    .await
+    .expect("writes");
+    let got = events(&db).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].3["state"], "published");
+
+    // Without watch, any column counts, but an identical row does not.
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', on_create => NULL);
+         UPDATE article SET title = title;
+         UPDATE article SET title = 'again' WHERE id = 2;",
+    )
+    .await
+    .expect("writes");
+    assert_eq!(events(&db).await.len(), 2);
+}
+
+#[tokio::test]
+async fn columns_exclude_reference_and_sender_also_on_delete() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', sender_field => 'author',
+             reference => '/article/{id}/{state}', exclude => ARRAY['password_hash']);
+         INSERT INTO article (title, author, password_hash) VALUES ('Hello', 'alice', 'secret');
+         DELETE FROM article;",
+    )
+    .await
+    .expect("writes");
+    let got = events(&db).await;
+    assert_eq!(got.len(), 2);
+    for (name, reference, sender, data) in &got {
+        assert_eq!(reference.as_deref(), Some("/article/1/draft"), "{name}");
+        assert_eq!(sender.as_deref(), Some("alice"), "{name}");
+        assert_eq!(
+            *data,
+            json!({"id": 1, "title": "Hello", "state": "draft", "author": "alice"}),
+            "{name}"
+        );
+    }
+
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', columns => ARRAY['id', 'title', 'password_hash'],
+             exclude => ARRAY['password_hash']);
+         INSERT INTO article (title, password_hash) VALUES ('B', 'secret');",
+    )
+    .await
+    .expect("writes");
+    let last = events(&db).await.pop().expect("event");
+    assert_eq!(last.3, json!({"id": 2, "title": "B"}));
+    assert_eq!((last.1, last.2), (None, None));
+}
+
+#[tokio::test]
+async fn rolled_back_transactions_emit_nothing() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute("SELECT thorn.webhook_model('public.article')")
+        .await
+        .expect("annotate");
+    let tx = db.transaction().await.expect("tx");
+    tx.batch_execute("INSERT INTO article (title) VALUES ('never')")
+        .await
+        .expect("insert");
+    tx.rollback().await.expect("rollback");
+    assert!(events(&db).await.is_empty());
+}
+
+#[tokio::test]
+async fn ten_thousand_rows_in_one_statement() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article');
+         INSERT INTO article (title) SELECT 't' || i FROM generate_series(1, 10000) AS i;
+         UPDATE article SET state = 'published';",
+    )
+    .await
+    .expect("writes");
+    let counts: Vec<(String, i64)> = db
+        .query(
+            "SELECT name, count(*) FROM thorn.event GROUP BY name ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("counts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("article.changed".to_owned(), 10_000),
+            ("article.created".to_owned(), 10_000)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_annotations_fail_at_once_with_clear_errors() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute("CREATE TABLE nokey (a int, b text)")
+        .await
+        .expect("table");
+    let cases = [
+        (
+            "SELECT thorn.webhook_model('public.nope')",
+            "does not exist",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', sender_field => 'who')",
+            "sender_field",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', reference => '/a/{nope}/')",
+            "reference",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', exclude => ARRAY['x'])",
+            "exclude",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', watch => ARRAY['x'])",
+            "watch",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', on_create => 'bad name')",
+            "on_create",
+        ),
+        ("SELECT thorn.webhook_model('public.nokey')", "primary key"),
+        (
+            "SELECT thorn.webhook_event('public.article', 'a.b', 'change', 'true')",
+            "not annotated",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let error = db.batch_execute(sql).await.expect_err(sql);
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(message.contains(expected), "{sql}: {message}");
+    }
+    db.batch_execute("SELECT thorn.webhook_model('public.nokey', on_change => NULL)")
+        .await
+        .expect("a table without a key can have create and delete events");
+    db.batch_execute("SELECT thorn.webhook_model('public.article')")
+        .await
+        .expect("annotate");
+    for (sql, expected) in [
+        (
+            "SELECT thorn.webhook_event('public.article', 'a.b', 'change', 'new.nope = 1')",
+            "do not compile",
+        ),
+        (
+            "SELECT thorn.webhook_event('public.article', 'a.b', 'create', 'old.id = 1')",
+            "do not compile",
+        ),
+        (
+            "SELECT thorn.webhook_event('public.article', 'a.b', 'sometimes', 'true')",
+            "fires_on",
+        ),
+    ] {
+        let error = db.batch_execute(sql).await.expect_err(sql);
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(message.contains(expected), "{sql}: {message}");
+    }
+    // The failed calls left the table writable and captured as before.
+    db.batch_execute("INSERT INTO article (title) VALUES ('still fine')")
+        .await
+        .expect("write");
+    assert_eq!(names(&db).await, ["article.created"]);
+}
+
+#[tokio::test]
+async fn unwebhook_model_removes_the_triggers() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article');
+         SELECT thorn.unwebhook_model('public.article');
+         INSERT INTO article (title) VALUES ('quiet');",
+    )
+    .await
+    .expect("writes");
+    assert!(events(&db).await.is_empty());
+    let models: i64 = db
+        .query_one("SELECT count(*) FROM thorn.model", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(models, 0);
+}
+
+#[tokio::test]
+async fn migrate_twice_is_harmless() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    let again = thorn::db::migrate::migrate(&mut db)
+        .await
+        .expect("second migrate");
+    assert!(again.is_empty());
+    assert_eq!(
+        thorn::db::migrate::current_version(&db)
+            .await
+            .expect("version"),
+        thorn::db::migrate::latest()
+    );
+}
+
+#[tokio::test]
+async fn subscriber_rows_are_validated_and_normalised() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let row = db
+        .query_one(
+            "INSERT INTO thorn.subscriber (event, url, hmac_digest) VALUES ('a.*', 'https://e.com/h', 'SHA512')
+             RETURNING hmac_digest, hmac_secret, active",
+            &[],
+        )
+        .await
+        .expect("insert");
+    let (digest, secret, active): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(digest, "sha512");
+    assert_eq!(secret.chars().count(), 64);
+    assert!(!secret.contains('"') && !secret.contains('\''));
+    assert!(active);
+    for (values, column) in [
+        ("('a..b', 'https://e.com/')", "event"),
+        ("('a.**', 'https://e.com/')", "event"),
+        ("('a b', 'https://e.com/')", "event"),
+        ("('a.*', 'ftp://e.com/')", "url"),
+        ("('a.*', 'e.com/hook')", "url"),
+        ("('a.*', 'https:// e.com/')", "url"),
+    ] {
+        let sql = format!("INSERT INTO thorn.subscriber (event, url) VALUES {values}");
+        let error = db.batch_execute(&sql).await.expect_err(&sql);
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("thorn.subscriber.{column}")),
+            "{sql}: {message}"
+        );
+    }
+    let error = db
+        .batch_execute("INSERT INTO thorn.subscriber (event, url, hmac_digest) VALUES ('a', 'https://e.com', 'md5')")
+        .await
+        .expect_err("md5");
+    assert!(error
+        .as_db_error()
+        .expect("db error")
+        .message()
+        .contains("hmac_digest"));
+}

@@ -1,0 +1,6 @@
+//! Integration tests: a real PostgreSQL (a fresh database per test), a real
+//! HTTP receiver on 127.0.0.1, the daemon's real tasks.
+
+mod capture;
+mod delivery;
+mod support;
