@@ -18,8 +18,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::db::{self, listen, migrate};
-use crate::deliver::{client, complete, worker::Worker};
+use crate::deliver::worker::{InFlight, Worker};
+use crate::deliver::{client, complete};
 use crate::dispatch::Dispatcher;
+use crate::retention;
 
 /// Connects (waiting for the database if needed) and applies migrations.
 pub async fn prepare_database(
@@ -53,12 +55,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listening = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel(4 * config.delivery.concurrency);
     let requests = TaskTracker::new();
+    let in_flight = Arc::new(InFlight::default());
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
 
+    let pruner = tokio::spawn(retention::run(
+        url.clone(),
+        config.retention.clone(),
+        stop.clone(),
+    ));
     let listener = tokio::spawn(listen::run(
         url.clone(),
-        wake.clone(),
+        vec![wake.clone(), ready.clone()],
         listening.clone(),
         stop.clone(),
     ));
@@ -71,7 +79,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         .run(stop.clone()),
     );
-    let completer = tokio::spawn(complete::run(url.clone(), done_rx, ready.clone()));
+    let completer = tokio::spawn(complete::run(
+        url.clone(),
+        done_rx,
+        ready.clone(),
+        config.delivery.disable_after,
+    ));
     let sender = tokio::spawn(
         Worker {
             url,
@@ -80,6 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ready,
             done: done_tx,
             tracker: requests.clone(),
+            in_flight: in_flight.clone(),
         }
         .run(stop.clone()),
     );
@@ -87,19 +101,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     stop.cancelled().await;
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
-    let _ = tokio::join!(listener, dispatcher, sender);
+    let _ = tokio::join!(listener, dispatcher, sender, pruner);
     requests.close();
     if tokio::time::timeout(config.delivery.shutdown_grace, requests.wait())
         .await
         .is_err()
     {
-        tracing::warn!(
-            "requests still in flight after the shutdown grace period; their leases will expire and they will be sent again"
-        );
+        release_unfinished(&config.database_url.0, &in_flight.deliveries()).await;
     }
     // The sender's channel end is gone with its task; once the in-flight
     // tasks are done too, the completer drains and returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Hands the leases of requests cut off by shutdown back at once, so another
+/// daemon sends them now instead of after the lease.
+async fn release_unfinished(url: &str, unfinished: &[uuid::Uuid]) {
+    if unfinished.is_empty() {
+        return;
+    }
+    let released = match db::connect(url).await {
+        Ok(client) => db::queue::release(&client, unfinished).await,
+        Err(error) => Err(error),
+    };
+    match released {
+        Ok(n) => tracing::warn!(
+            released = n,
+            "requests unfinished after the shutdown grace period were released"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            unfinished = unfinished.len(),
+            "could not release unfinished requests; they are sent again when their leases expire"
+        ),
+    }
 }

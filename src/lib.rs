@@ -14,6 +14,8 @@ pub mod db;
 pub mod deliver;
 pub mod dispatch;
 pub mod matcher;
+pub mod operator;
 pub mod payload;
 pub mod receive;
+pub mod retention;
 pub mod sign;
