@@ -56,6 +56,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (done_tx, done_rx) = mpsc::channel(4 * config.delivery.concurrency);
     let requests = TaskTracker::new();
     let in_flight = Arc::new(InFlight::default());
+    let abort = CancellationToken::new();
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
 
@@ -94,6 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             done: done_tx,
             tracker: requests.clone(),
             in_flight: in_flight.clone(),
+            abort: abort.clone(),
         }
         .run(stop.clone()),
     );
@@ -107,10 +109,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .is_err()
     {
-        release_unfinished(&config.database_url.0, &in_flight.deliveries()).await;
+        let unfinished = in_flight.deliveries();
+        abort.cancel();
+        requests.wait().await;
+        release_unfinished(&config.database_url.0, &unfinished).await;
     }
-    // The sender's channel end is gone with its task; once the in-flight
-    // tasks are done too, the completer drains and returns.
+    // The sender's channel end went with its task and the requests' with
+    // theirs: the completer writes what is left and returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
     tracing::info!("stopped");
     Ok(())

@@ -89,6 +89,8 @@ pub struct Worker {
     pub done: mpsc::Sender<Done>,
     pub tracker: TaskTracker,
     pub in_flight: Arc<InFlight>,
+    /// Cuts off requests still running when the shutdown grace ends.
+    pub abort: CancellationToken,
 }
 
 impl Worker {
@@ -192,8 +194,13 @@ impl Worker {
         let done = self.done.clone();
         let ready = self.ready.clone();
         let settings = self.settings.clone();
+        let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            let attempt = client.attempt(&delivery).await;
+            let attempt = tokio::select! {
+                attempt = client.attempt(&delivery) => attempt,
+                // Past the shutdown grace: the caller releases the lease.
+                _ = abort.cancelled() => return,
+            };
             let record = outcome(&delivery, &attempt, &settings);
             in_flight.leave(delivery.id, delivery.subscriber_id);
             drop(permit);

@@ -3,4 +3,6 @@
 
 mod capture;
 mod delivery;
+mod process;
+mod resilience;
 mod support;
