@@ -60,7 +60,8 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
 async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
     client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS thorn;
+            "SET client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS thorn;
              CREATE TABLE IF NOT EXISTS thorn.migration (
                  version    integer PRIMARY KEY,
                  name       text NOT NULL,

@@ -3,6 +3,7 @@
 
 mod capture;
 mod delivery;
+mod policy;
 mod process;
 mod resilience;
 mod support;

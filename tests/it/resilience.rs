@@ -175,7 +175,12 @@ async fn lost_connections_are_remade_and_nothing_is_lost() {
     item_table(&db).await;
     let mut rx = Receiver::start().await;
     subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    let mut daemon = Process::run(&config(&t, ""));
+    // A claim whose answer is lost with its connection waits for the lease.
+    let mut daemon = Process::run(&config(
+        &t,
+        r#"timeout = "1s"
+        lease = "3s""#,
+    ));
     insert_items(&db, 1, 100).await;
     let mut got = Vec::new();
     while got.len() < 10 {
