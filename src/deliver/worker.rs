@@ -22,6 +22,19 @@ use super::retry;
 use crate::config::Delivery as Settings;
 use crate::db::{self, queue};
 
+/// Longest wait for more free slots before a claim under load.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// Adds free slots to `permits`, up to `max`.
+fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, max: usize) {
+    while permits.len() < max {
+        match slots.clone().try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -124,6 +137,7 @@ impl Worker {
         let statements = queue::Statements::prepare(client).await?;
         let batch = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
         let limit = self.settings.per_subscriber_concurrency;
+        let gather = batch.min(self.settings.concurrency) / 4;
         loop {
             let first = tokio::select! {
                 permit = slots.clone().acquire_owned() => match permit {
@@ -133,10 +147,22 @@ impl Worker {
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let mut permits = vec![first];
-            while permits.len() < batch {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            take_free(slots, &mut permits, batch);
+            // Under load, slots free up one request at a time: gather a few
+            // (briefly) before claiming, so claims stay batches and not
+            // single rows. An idle daemon has every slot free and claims at
+            // once.
+            let busy = permits.len() < self.settings.concurrency;
+            if busy && permits.len() < gather {
+                let deadline = tokio::time::Instant::now() + GATHER;
+                while permits.len() < gather {
+                    tokio::select! {
+                        permit = slots.clone().acquire_owned() => match permit {
+                            Ok(p) => permits.push(p),
+                            Err(_) => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
                 }
             }
             let wanted = permits.len();
