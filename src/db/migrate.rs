@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "schema", include_str!("../../sql/0001_schema.sql")),
     (2, "annotate", include_str!("../../sql/0002_annotate.sql")),
+    (4, "security", include_str!("../../sql/0004_security.sql")),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.
@@ -37,6 +38,11 @@ pub fn latest() -> i32 {
 
 /// Applies what is missing; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
+    // Up to date: nothing to lock or create, so a daemon role without DDL
+    // rights (docs/security.md) can start.
+    if current_version(client).await? == latest() {
+        return Ok(Vec::new());
+    }
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;

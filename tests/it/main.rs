@@ -3,4 +3,6 @@
 
 mod capture;
 mod delivery;
+mod hostile;
+mod security;
 mod support;
