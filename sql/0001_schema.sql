@@ -44,18 +44,30 @@ $$;
 -- stars or whitespace. Event names are the same without `*`.
 CREATE FUNCTION thorn.is_pattern(p text) RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT length(p) <= 255 AND p ~ '^(\*|[^.*[:space:]]+)(\.(\*|[^.*[:space:]]+))*$' $$;
+AS $$
+    SELECT length(p) <= 255 AND p !~ '[[:cntrl:]]'
+       AND p ~ '^(\*|[^.*[:space:]]+)(\.(\*|[^.*[:space:]]+))*$'
+$$;
 
 CREATE FUNCTION thorn.is_event_name(e text) RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT length(e) <= 255 AND e ~ '^[^.*[:space:]]+(\.[^.*[:space:]]+)*$' $$;
+AS $$
+    SELECT length(e) <= 255 AND e !~ '[[:cntrl:]]'
+       AND e ~ '^[^.*[:space:]]+(\.[^.*[:space:]]+)*$'
+$$;
 
--- http(s)://[userinfo@]host[:port][/path?query#fragment], no whitespace.
+-- http(s)://[userinfo@]host[:port][/path?query#fragment], no whitespace
+-- or control characters, a port (when given) from 1 to 65535. Whether the
+-- host is an address deliveries may reach is the daemon's decision (after
+-- DNS), not this check's.
 CREATE FUNCTION thorn.is_webhook_url(u text) RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
     SELECT length(u) <= 2048
+       AND u !~ '[[:cntrl:]]'
        AND u ~* '^https?://([^/?#@[:space:]]*@)?(\[[0-9a-f:.]+\]|[^/?#@:[:space:][\]]+)(:[0-9]{1,5})?([/?#][^[:space:]]*)?$'
+       AND coalesce((substring(u from '^[^:]+://(?:[^/?#@]*@)?(?:\[[^]]*\]|[^/?#:]*):([0-9]+)'))::integer
+                    BETWEEN 1 AND 65535, true)
 $$;
 
 CREATE TABLE thorn.subscriber (

@@ -173,9 +173,11 @@ BEGIN
         RETURN NULL;
     END IF;
 
+    -- thorn__t.* (not a bare alias such as t): a column named like the
+    -- alias would otherwise win, and to_jsonb(t) would render that column.
     source := CASE op
-        WHEN 'create' THEN format('(SELECT t.*, to_jsonb(t) AS thorn__row FROM %s AS t) AS new', new_rel)
-        WHEN 'delete' THEN format('(SELECT t.*, to_jsonb(t) AS thorn__row FROM %s AS t) AS old', old_rel)
+        WHEN 'create' THEN format('(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS new', new_rel)
+        WHEN 'delete' THEN format('(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS old', old_rel)
     END;
     IF op = 'change' THEN
         -- Transition tables do not pair old and new rows: pair them on the
@@ -183,8 +185,8 @@ BEGIN
         -- counts as changed, with NULLs for old.
         key := thorn._primary_key(tbl);
         source := format(
-            '(SELECT t.*, to_jsonb(t) AS thorn__row FROM %s AS t) AS new '
-            'LEFT JOIN (SELECT t.*, to_jsonb(t) AS thorn__row FROM %s AS t) AS old ON %s',
+            '(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS new '
+            'LEFT JOIN (SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS old ON %s',
             new_rel, old_rel,
             (SELECT string_agg(format('old.thorn__row->%1$L = new.thorn__row->%1$L', k), ' AND ')
              FROM unnest(key) AS k));

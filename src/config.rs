@@ -124,8 +124,14 @@ pub struct Security {
     pub https_only: bool,
     /// Ports deliveries may use; empty means any.
     pub allowed_ports: Vec<u16>,
+    /// PEM files of certificate authorities trusted in addition to the
+    /// built-in (webpki) roots, e.g. a company CA.
+    pub extra_ca_files: Vec<std::path::PathBuf>,
     #[serde(skip)]
     pub allowed: Vec<IpNet>,
+    /// The certificates of `extra_ca_files`, read and parsed by validation.
+    #[serde(skip)]
+    pub extra_roots: Vec<reqwest::Certificate>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -264,6 +270,7 @@ impl Config {
             .with_list_parse_key("delivery.retry_schedule")
             .with_list_parse_key("security.allow_networks")
             .with_list_parse_key("security.allowed_ports")
+            .with_list_parse_key("security.extra_ca_files")
             .try_parsing(true)
             .source(Some(vars));
         let mut cfg: Config = builder.add_source(environment).build()?.try_deserialize()?;
@@ -282,6 +289,11 @@ impl Config {
             .map(|s| parse_network(s))
             .collect::<Result<_, _>>()
             .map_err(|m| invalid("security.allow_networks", m))?;
+        self.security.extra_roots = Vec::new();
+        for path in &self.security.extra_ca_files {
+            let roots = read_ca_file(path).map_err(|m| invalid("security.extra_ca_files", m))?;
+            self.security.extra_roots.extend(roots);
+        }
         let d = &self.delivery;
         if d.timeout.is_zero() {
             return Err(invalid("delivery.timeout", "must be more than 0s"));
@@ -346,6 +358,20 @@ fn parse_network(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is not a CIDR such as 10.0.0.0/8 or ::1/128"))
+}
+
+/// The certificates in a PEM file; at least one.
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]
@@ -425,6 +451,28 @@ mod tests {
         assert_eq!(slow.delivery.lease(), Duration::from_secs(80));
         assert!(bad("unknown_key = 1").contains("unknown_key"));
         assert!(bad("[delivery]\ntimeuot = \"1s\"").contains("timeuot"));
+    }
+
+    #[test]
+    fn extra_ca_files_must_hold_certificates() {
+        let bad = |text: &str| {
+            Config::load(Some(text), &HashMap::new())
+                .expect_err("invalid")
+                .to_string()
+        };
+        let missing = bad("[security]\nextra_ca_files = [\"/nonexistent/ca.pem\"]");
+        assert!(missing.contains("security.extra_ca_files"), "{missing}");
+        assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+        let dir = std::env::temp_dir().join(format!("thorn-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let message = bad(&format!(
+            "[security]\nextra_ca_files = [{:?}]",
+            empty.display().to_string()
+        ));
+        assert!(message.contains("security.extra_ca_files"), "{message}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "schema", include_str!("../../sql/0001_schema.sql")),
     (2, "annotate", include_str!("../../sql/0002_annotate.sql")),
+    (4, "security", include_str!("../../sql/0004_security.sql")),
     (
         5,
         "resilience",
@@ -41,9 +42,12 @@ pub fn latest() -> i32 {
 }
 
 /// Applies what is missing; returns the versions applied now.
-///
-/// Version numbers may have gaps; they only order the files.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
+    // Up to date: nothing to lock or create, so a daemon role without DDL
+    // rights (docs/security.md) can start.
+    if missing(&applied_versions(client).await?)?.is_empty() {
+        return Ok(Vec::new());
+    }
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;
@@ -69,23 +73,9 @@ async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
              );",
         )
         .await?;
-    let current = current_version(client).await?;
-    if current > latest() {
-        return Err(MigrateError::TooNew {
-            found: current,
-            known: latest(),
-        });
-    }
-    // Apply every missing version in order, not just those above the
-    // highest: a version added between two released ones still runs.
-    let done: Vec<i32> = client
-        .query("SELECT version FROM thorn.migration", &[])
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
+    let missing = missing(&applied_versions(client).await?)?;
     let mut applied = Vec::new();
-    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| !done.contains(&m.0)) {
+    for &(version, name, sql) in missing {
         let fail = |source| MigrateError::Apply {
             version,
             name,
@@ -107,15 +97,44 @@ async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
 
 /// The schema version of the database (0 when thorn was never migrated).
 pub async fn current_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(applied_versions(client)
+        .await?
+        .into_iter()
+        .max()
+        .unwrap_or(0))
+}
+
+/// The versions recorded in `thorn.migration` (none before the first run).
+async fn applied_versions(client: &Client) -> Result<Vec<i32>, tokio_postgres::Error> {
     let exists: bool = client
         .query_one("SELECT to_regclass('thorn.migration') IS NOT NULL", &[])
         .await?
         .try_get(0)?;
     if !exists {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     client
-        .query_one("SELECT coalesce(max(version), 0) FROM thorn.migration", &[])
+        .query("SELECT version FROM thorn.migration", &[])
         .await?
-        .try_get(0)
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect()
+}
+
+/// The known migrations not yet applied, in order. Every missing version
+/// runs, not just those above the highest applied one, so version numbers
+/// may have gaps that later releases fill.
+fn missing(
+    applied: &[i32],
+) -> Result<Vec<&'static (i32, &'static str, &'static str)>, MigrateError> {
+    if let Some(&found) = applied.iter().max().filter(|&&v| v > latest()) {
+        return Err(MigrateError::TooNew {
+            found,
+            known: latest(),
+        });
+    }
+    Ok(MIGRATIONS
+        .iter()
+        .filter(|m| !applied.contains(&m.0))
+        .collect())
 }

@@ -3,7 +3,9 @@
 
 mod capture;
 mod delivery;
+mod hostile;
 mod policy;
 mod process;
 mod resilience;
+mod security;
 mod support;

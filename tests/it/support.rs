@@ -388,3 +388,167 @@ print(json.dumps([sign(d, k, base64.b64decode(b)) for d, k, b in json.load(sys.s
 
 pub const WAIT: Duration = Duration::from_secs(15);
 pub const QUIET: Duration = Duration::from_millis(300);
+
+/// Waits until `n` deliveries have ended (delivered or dead) and returns
+/// (url, state, error_class, status_code, attempts, error, response,
+/// duration_ms) for each, ordered by url.
+pub async fn wait_ended(db: &Client, n: usize, within: Duration) -> Vec<Ended> {
+    let deadline = Instant::now() + within;
+    loop {
+        let rows: Vec<Ended> = db
+            .query(
+                "SELECT s.url, d.state, d.error_class, d.status_code, d.attempts, d.error,
+                        d.response, d.duration_ms
+                 FROM thorn.delivery d JOIN thorn.subscriber s ON s.id = d.subscriber_id
+                 ORDER BY s.url",
+                &[],
+            )
+            .await
+            .expect("deliveries")
+            .iter()
+            .map(|r| Ended {
+                url: r.get(0),
+                state: r.get(1),
+                class: r.get(2),
+                status: r.get(3),
+                attempts: r.get(4),
+                error: r.get(5),
+                response: r.get(6),
+                duration_ms: r.get(7),
+            })
+            .collect();
+        if rows.len() >= n && rows.iter().all(|r| r.state != "pending") {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deliveries did not end within {within:?}: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A delivery row that has ended.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub url: String,
+    pub state: String,
+    pub class: Option<String>,
+    pub status: Option<i32>,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub response: Option<String>,
+    pub duration_ms: Option<i32>,
+}
+
+/// Reads one HTTP/1.1 request (head and a Content-Length body) from a
+/// stream; returns the head and body (None on EOF or a head over 1 MiB).
+pub async fn read_request<S>(stream: &mut S) -> Option<(String, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 1 << 20 {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, body))
+}
+
+/// A TCP server on 127.0.0.1:0 whose every connection is handed to a
+/// script: for answers no well-behaved HTTP server gives (slow drips, huge
+/// heads, redirects). Each request it reads is reported on `requests`.
+pub struct RawServer {
+    pub addr: SocketAddr,
+    pub requests: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    shutdown: CancellationToken,
+}
+
+type Script2 = Arc<
+    dyn Fn(tokio::net::TcpStream) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
+impl RawServer {
+    /// `answer` writes the response after the request was read.
+    pub async fn start<F, Fut>(answer: F) -> RawServer
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, requests) = mpsc::unbounded_channel();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let answer: Script2 = Arc::new(move |s| Box::pin(answer(s)));
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => return,
+                    },
+                    _ = stop.cancelled() => return,
+                };
+                let tx = tx.clone();
+                let answer = answer.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Some(request) = read_request(&mut stream).await else {
+                        return;
+                    };
+                    let _ = tx.send(request);
+                    tokio::select! {
+                        _ = answer(stream) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        RawServer {
+            addr,
+            requests,
+            shutdown,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,30 @@
+-- thorn: grants for a least-privilege deployment (not a migration).
+--
+-- Run once after `thorn migrate`, as the owner of schema thorn (the role
+-- that ran migrate), e.g.
+--
+--   psql "$ADMIN_URL" -v daemon=thorn_daemon -f sql/roles.sql
+--
+-- The daemon role (`thorn run`) then needs nothing else: it claims events,
+-- writes deliveries, deactivates subscribers (410 Gone, auto-disable) and
+-- prunes old rows. It cannot create objects, read application tables, or
+-- add or change subscriptions other than switching them off. It must be
+-- able to LOGIN; CONNECT on the database is granted to PUBLIC by default.
+--
+-- Application roles need no grant here at all: the capture triggers are
+-- SECURITY DEFINER functions owned by the schema owner.
+
+GRANT USAGE ON SCHEMA thorn TO :"daemon";
+-- `thorn run` checks the schema version before it starts.
+GRANT SELECT ON thorn.migration TO :"daemon";
+-- Outbox: claim (FOR UPDATE), mark dispatched, prune.
+GRANT SELECT, UPDATE, DELETE ON thorn.event TO :"daemon";
+-- Deliveries: create, claim, record, prune.
+GRANT SELECT, INSERT, UPDATE, DELETE ON thorn.delivery TO :"daemon";
+-- Subscribers: read, and switch off (the only columns it may change).
+GRANT SELECT ON thorn.subscriber TO :"daemon";
+GRANT UPDATE (active, deactivated_reason) ON thorn.subscriber TO :"daemon";
+-- Changing a subscriber bumps the version that daemons cache against.
+GRANT SELECT, UPDATE ON thorn.subscriber_version TO :"daemon";
+-- Wake-up registration (DESIGN.md §4).
+GRANT SELECT, INSERT, DELETE ON thorn.waiter TO :"daemon";

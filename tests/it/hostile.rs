@@ -1,0 +1,950 @@
+//! Hostile and unusual input: subscriber rows, annotation calls, DDL after
+//! annotation, and rows of every common column type and size.
+
+use std::collections::HashMap;
+
+use tokio::io::AsyncWriteExt;
+use tokio_postgres::Client;
+
+use crate::support::{subscribe, wait_ended, Daemon, RawServer, Receiver, TestDb, QUIET, WAIT};
+
+fn db_message(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|e| format!("{} (column {:?})", e.message(), e.column()))
+        .unwrap_or_else(|| error.to_string())
+}
+
+#[tokio::test]
+async fn bad_subscriber_rows_are_refused_naming_the_column() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let long_event = format!("a.{}", "b".repeat(254));
+    let cases: Vec<(String, String, String, &str, &str, &str)> = [
+        // (event, url, secret, digest, content_type, column)
+        (
+            "",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a..b",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            ".a",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a.",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a.**",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "**",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a*",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a b",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a.\tb",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            " a",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            "a\u{1}b",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        (
+            &long_event,
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "event",
+        ),
+        ("a", "", "secret", "sha256", "application/json", "url"),
+        (
+            "a",
+            "e.com/hook",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "//e.com/hook",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "ftp://e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "file:///etc/passwd",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "javascript:alert(1)",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "gopher://e.com:70/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "http://",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "http:///path",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "http://:80/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "http:e.com",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https:// e.com/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https://e.com/a b",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https://e.com/\n",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https://e.com:99999/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https://e.com:0/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https://e.com:abc/",
+            "secret",
+            "sha256",
+            "application/json",
+            "url",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "secret",
+            "md5",
+            "application/json",
+            "hmac_digest",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "secret",
+            "sha-256",
+            "application/json",
+            "hmac_digest",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "secret",
+            "",
+            "application/json",
+            "hmac_digest",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "text/plain",
+            "content_type",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "application/json; charset=utf-8",
+            "content_type",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "secret",
+            "sha256",
+            "",
+            "content_type",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "",
+            "sha256",
+            "application/json",
+            "hmac_secret",
+        ),
+        (
+            "a",
+            "https://e.com/",
+            "short",
+            "sha256",
+            "application/json",
+            "hmac_secret",
+        ),
+    ]
+    .iter()
+    .map(|(e, u, s, d, c, col)| (e.to_string(), u.to_string(), s.to_string(), *d, *c, *col))
+    .collect();
+    for (event, url, secret, digest, content_type, column) in &cases {
+        let error = db
+            .execute(
+                "INSERT INTO thorn.subscriber (event, url, hmac_secret, hmac_digest, content_type)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[event, url, secret, digest, content_type],
+            )
+            .await
+            .expect_err(&format!(
+                "{event:?} {url:?} {secret:?} {digest:?} {content_type:?}"
+            ));
+        let message = db_message(&error);
+        assert!(
+            message.contains(&format!("thorn.subscriber.{column}"))
+                && message.contains(&format!("Some(\"{column}\")")),
+            "{event:?} {url:?}: {message}"
+        );
+    }
+    // NULLs are refused the same way.
+    for (sql, column) in [
+        ("INSERT INTO thorn.subscriber (event, url) VALUES (NULL, 'https://e.com/')", "event"),
+        ("INSERT INTO thorn.subscriber (event, url) VALUES ('a', NULL)", "url"),
+        ("INSERT INTO thorn.subscriber (event, url, hmac_secret) VALUES ('a', 'https://e.com/', NULL)", "hmac_secret"),
+    ] {
+        let message = db_message(&db.batch_execute(sql).await.expect_err(sql));
+        assert!(message.contains(&format!("thorn.subscriber.{column}")), "{sql}: {message}");
+    }
+    // Updates are checked like inserts.
+    let id = subscribe(&db, "a.*", "https://e.com/", None, "secret").await;
+    let error = db
+        .execute(
+            "UPDATE thorn.subscriber SET url = 'ftp://e.com/' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect_err("bad update");
+    assert!(db_message(&error).contains("thorn.subscriber.url"));
+
+    // What is accepted: Thorn's 6-character example secret, digests and
+    // content types in any case (stored lower-case), every pattern form,
+    // event names up to 255 characters, IPv6 literals, userinfo, ports.
+    let ok_event = format!("a.{}", "b".repeat(253));
+    for (event, url, digest, content_type) in [
+        ("*", "https://e.com", "SHA256", "Application/JSON"),
+        (
+            "article.*",
+            "http://e.com:8080/h?x=1#f",
+            "Sha1",
+            "APPLICATION/X-WWW-FORM-URLENCODED",
+        ),
+        (
+            "*.created",
+            "https://[2001:db8::1]:443/",
+            "sha224",
+            "application/json",
+        ),
+        ("a.*.c", "https://u:p@e.com/", "SHA384", "application/json"),
+        (
+            ok_event.as_str(),
+            "https://xn--bcher-kva.example/",
+            "sHa512",
+            "application/json",
+        ),
+        (
+            "émoji.✓",
+            "https://e.com/ünïcode",
+            "sha256",
+            "application/json",
+        ),
+    ] {
+        let row = db
+            .query_one(
+                "INSERT INTO thorn.subscriber (event, url, hmac_secret, hmac_digest, content_type)
+                 VALUES ($1, $2, 'secret', $3, $4) RETURNING hmac_digest, content_type",
+                &[&event, &url, &digest, &content_type],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{event} {url}: {}", db_message(&e)));
+        let (d, c): (String, String) = (row.get(0), row.get(1));
+        assert_eq!(d, digest.to_lowercase());
+        assert_eq!(c, content_type.to_lowercase());
+    }
+}
+
+#[tokio::test]
+async fn default_secrets_are_64_uniform_characters_of_thorns_alphabet() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let secrets: Vec<String> = db
+        .query(
+            "SELECT thorn.random_secret() FROM generate_series(1, 1000)",
+            &[],
+        )
+        .await
+        .expect("secrets")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let alphabet: Vec<char> = ('A'..='Z')
+        .chain('a'..='z')
+        .chain('0'..='9')
+        .chain("!#$%&()*+,-./:;<=>?@[\\]^_`{|}~".chars())
+        .collect();
+    assert_eq!(alphabet.len(), 92);
+    let mut counts: HashMap<char, usize> = HashMap::new();
+    for s in &secrets {
+        assert_eq!(s.chars().count(), 64);
+        for c in s.chars() {
+            assert!(alphabet.contains(&c), "{c:?} is not in the alphabet");
+            *counts.entry(c).or_default() += 1;
+        }
+    }
+    let distinct: std::collections::HashSet<&String> = secrets.iter().collect();
+    assert_eq!(distinct.len(), secrets.len());
+    // 64,000 draws over 92 symbols: about 696 each, σ ≈ 26. A biased
+    // mapping (a plain modulo) would skew the first symbols by ~20%.
+    assert_eq!(counts.len(), 92);
+    for (c, n) in &counts {
+        assert!((540..=850).contains(n), "{c:?} drawn {n} times");
+    }
+    // The column default uses it.
+    let secret: String = db
+        .query_one(
+            "INSERT INTO thorn.subscriber (event, url) VALUES ('a', 'https://e.com/') RETURNING hmac_secret",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    assert_eq!(secret.chars().count(), 64);
+}
+
+const ARTICLE: &str = "CREATE TABLE public.article (
+    id serial PRIMARY KEY, title text NOT NULL, state text NOT NULL DEFAULT 'draft',
+    author text, secret text)";
+
+async fn event_names(db: &Client) -> Vec<String> {
+    db.query("SELECT name FROM thorn.event ORDER BY id", &[])
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn hostile_annotation_calls_fail_at_once_and_never_break_writes() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute("CREATE VIEW article_view AS SELECT * FROM article")
+        .await
+        .expect("view");
+    let cases = [
+        (
+            "SELECT thorn.webhook_model('public.nope')",
+            "does not exist",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article_view')",
+            "is not a table",
+        ),
+        (
+            "SELECT thorn.webhook_model('thorn.subscriber')",
+            "schema thorn",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', sender_field => 'nope')",
+            "sender_field",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', reference => '/a/{nope}/')",
+            "reference",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', columns => ARRAY['id', 'nope'])",
+            "columns",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', columns => ARRAY[NULL])",
+            "columns",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', exclude => ARRAY['nope'])",
+            "exclude",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', watch => ARRAY['nope'])",
+            "watch",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', watch => ARRAY[]::text[])",
+            "watch",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', model => 'a b')",
+            "model",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', on_change => 'a..b')",
+            "on_change",
+        ),
+        (
+            "SELECT thorn.webhook_model('public.article', on_delete => '*')",
+            "on_delete",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let message = db_message(&db.batch_execute(sql).await.expect_err(sql));
+        assert!(message.contains(expected), "{sql}: {message}");
+    }
+    db.batch_execute("SELECT thorn.webhook_model('public.article')")
+        .await
+        .expect("annotate");
+    let conditions = [
+        ("change", "new.nope = 1", "do not compile"),
+        ("change", "new.title = ", "do not compile"),
+        ("change", "new.title", "do not compile"),
+        ("create", "old.id = 1", "do not compile"),
+        ("delete", "new.id = 1", "do not compile"),
+        (
+            "change",
+            "true)) AS ev(name, fire); DROP TABLE article; --",
+            "do not compile",
+        ),
+        ("change", "$thorn_capture$", "thorn_capture"),
+        ("change", "", "condition"),
+        ("sometimes", "true", "fires_on"),
+    ];
+    for (fires_on, condition, expected) in conditions {
+        let error = db
+            .execute(
+                "SELECT thorn.webhook_event('public.article', 'article.custom', $1, $2)",
+                &[&fires_on, &condition],
+            )
+            .await
+            .expect_err(condition);
+        let message = db_message(&error);
+        assert!(message.contains(expected), "{condition}: {message}");
+    }
+    // After all of that the table is intact, writable and captured.
+    db.batch_execute("INSERT INTO article (title) VALUES ('still fine')")
+        .await
+        .expect("write");
+    assert_eq!(event_names(&db).await, ["article.created"]);
+
+    // A second annotation replaces the first: one set of triggers, new names.
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', model => 'post', on_delete => NULL)",
+    )
+    .await
+    .expect("re-annotate");
+    let triggers: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.article'::regclass",
+            &[],
+        )
+        .await
+        .expect("triggers")
+        .get(0);
+    assert_eq!(triggers, 2, "create and change, no delete");
+    db.batch_execute("UPDATE article SET title = 'x'; DELETE FROM article;")
+        .await
+        .expect("writes");
+    assert_eq!(event_names(&db).await, ["article.created", "post.changed"]);
+}
+
+#[tokio::test]
+async fn a_table_without_a_primary_key_gets_create_and_delete_events() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute("CREATE TABLE log (at timestamptz DEFAULT now(), line text)")
+        .await
+        .expect("table");
+    let message = db_message(
+        &db.batch_execute("SELECT thorn.webhook_model('public.log')")
+            .await
+            .expect_err("change events need a key"),
+    );
+    assert!(message.contains("primary key"), "{message}");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.log', on_change => NULL);
+         INSERT INTO log (line) VALUES ('a'), ('a');
+         UPDATE log SET line = 'b';
+         DELETE FROM log;",
+    )
+    .await
+    .expect("create and delete events without a key");
+    assert_eq!(
+        event_names(&db).await,
+        ["log.created", "log.created", "log.removed", "log.removed"]
+    );
+    let message = db_message(
+        &db.batch_execute("SELECT thorn.webhook_event('public.log', 'log.x', 'change', 'true')")
+            .await
+            .expect_err("no key"),
+    );
+    assert!(message.contains("primary key"), "{message}");
+}
+
+#[tokio::test]
+async fn ddl_after_annotation_keeps_writes_working_or_is_refused() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', sender_field => 'author',
+             reference => '/a/{id}/', exclude => ARRAY['secret'], watch => ARRAY['title', 'state']);
+         SELECT thorn.webhook_event('public.article', 'article.published', 'change',
+             $$new.state = 'published' AND old.state IS DISTINCT FROM 'published'$$);",
+    )
+    .await
+    .expect("annotate");
+
+    // Renaming the table: the triggers follow it, and so does thorn.model.
+    db.batch_execute(
+        "ALTER TABLE article RENAME TO post;
+         INSERT INTO post (title, author) VALUES ('a', 'al');",
+    )
+    .await
+    .expect("rename the table");
+    let shown: String = db
+        .query_one("SELECT table_name::text FROM thorn.model", &[])
+        .await
+        .expect("model")
+        .get(0);
+    assert_eq!(shown, "post");
+
+    // Columns the annotation does not name may change freely.
+    db.batch_execute(
+        "ALTER TABLE post ADD COLUMN extra int DEFAULT 7;
+         ALTER TABLE post RENAME COLUMN extra TO more;
+         ALTER TABLE post DROP COLUMN more;
+         UPDATE post SET state = 'published';",
+    )
+    .await
+    .expect("unrelated DDL and writes");
+
+    // Changes that would break the annotation are refused, saying why; the
+    // exclude case matters most: a renamed secret column would be sent.
+    for (ddl, names) in [
+        ("ALTER TABLE post RENAME COLUMN secret TO pw", "exclude"),
+        ("ALTER TABLE post DROP COLUMN secret", "exclude"),
+        (
+            "ALTER TABLE post RENAME COLUMN author TO writer",
+            "sender_field",
+        ),
+        ("ALTER TABLE post DROP COLUMN title", "watch"),
+        ("ALTER TABLE post RENAME COLUMN state TO status", "watch"),
+        (
+            "ALTER TABLE post DROP CONSTRAINT article_pkey",
+            "primary key",
+        ),
+    ] {
+        let message = db_message(&db.batch_execute(ddl).await.expect_err(ddl));
+        assert!(
+            message.contains("would break its webhook annotation") && message.contains(names),
+            "{ddl}: {message}"
+        );
+    }
+    // The way through: change the annotation and the table together.
+    db.batch_execute(
+        "BEGIN;
+         SELECT thorn.unwebhook_event('public.post', 'article.published');
+         SELECT thorn.webhook_model('public.post', model => 'article', sender_field => 'author',
+             reference => '/a/{id}/', exclude => ARRAY['secret'], watch => ARRAY['title']);
+         ALTER TABLE post RENAME COLUMN state TO status;
+         COMMIT;
+         UPDATE post SET title = 'b';",
+    )
+    .await
+    .expect("annotation and table changed together");
+    assert_eq!(
+        event_names(&db).await,
+        [
+            "article.created",
+            "article.changed",
+            "article.published",
+            "article.changed"
+        ]
+    );
+
+    // Dropping the table forgets its annotation and capture functions.
+    db.batch_execute("DROP TABLE post").await.expect("drop");
+    let (models, functions): (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM thorn.model),
+                    (SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_%'
+                       AND pronamespace = 'thorn'::regnamespace)",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("counts");
+    assert_eq!((models, functions), (0, 0));
+    // A new table of the same name can be annotated.
+    db.batch_execute(&format!(
+        "{ARTICLE}; SELECT thorn.webhook_model('public.article');
+         INSERT INTO article (title) VALUES ('again');"
+    ))
+    .await
+    .expect("re-create");
+}
+
+#[tokio::test]
+async fn a_condition_that_fails_at_run_time_aborts_the_write_loudly() {
+    // Documented choice: an error inside the capture trigger aborts the
+    // application's statement (the outbox promise is "committed change →
+    // event"), so the write is never committed without its event.
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article');
+         SELECT thorn.webhook_event('public.article', 'article.odd', 'create',
+             'new.title::int % 2 = 1');",
+    )
+    .await
+    .expect("compiles");
+    db.batch_execute("INSERT INTO article (title) VALUES ('3')")
+        .await
+        .expect("fine");
+    let error = db
+        .batch_execute("INSERT INTO article (title) VALUES ('not a number')")
+        .await
+        .expect_err("the condition fails");
+    assert!(db_message(&error).contains("invalid input syntax"));
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM article", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 1, "the failed write is rolled back, not half-done");
+    assert_eq!(event_names(&db).await, ["article.created", "article.odd"]);
+}
+
+/// What PostgreSQL's to_jsonb renders for the single row of zoo.
+async fn rendered(db: &Client) -> String {
+    db.query_one("SELECT to_jsonb(z)::text FROM zoo z", &[])
+        .await
+        .expect("to_jsonb")
+        .get(0)
+}
+
+/// The `data` member of a JSON envelope, as raw text.
+fn raw_data(body: &[u8]) -> String {
+    let text = String::from_utf8(body.to_vec()).expect("UTF-8 body");
+    let start = text.find("\"data\": ").expect("data") + "\"data\": ".len();
+    text[start..text.len() - 1].to_owned()
+}
+
+#[tokio::test]
+async fn every_common_column_type_arrives_exactly_as_to_jsonb_renders_it() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        r#"CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy 😀');
+           CREATE DOMAIN positive AS numeric CHECK (VALUE > 0);
+           CREATE TYPE point3 AS (x float8, y float8, label text);
+           CREATE TABLE zoo (
+               id bigint PRIMARY KEY,
+               n numeric, big bigint, small smallint, i int, r real, d float8,
+               money_ numeric(20, 4), b boolean,
+               ts timestamptz, tsz timestamp, day date, t time, tz timetz, iv interval,
+               bytes bytea, u uuid, ints int[], texts text[], nested int[][],
+               j json, jb jsonb, m mood, pos positive, p point3, ip inet, net cidr,
+               mac macaddr, bits bit varying(8), rng int4range, x xml, c char(3),
+               vc varchar(10), txt text, nothing text, "Odd ""Name""" text,
+               -- Names that collide with what the capture query uses inside
+               -- (regression: a column named t once replaced the row).
+               "new" int, "old" int, ev int, name text, fire boolean, thorn__t int);
+           SELECT thorn.webhook_model('public.zoo');"#,
+    )
+    .await
+    .expect("table");
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "zoo.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+    // The writer's session renders timestamptz in its own time zone.
+    db.batch_execute("SET TIME ZONE 'Asia/Kathmandu'")
+        .await
+        .expect("tz");
+    db.batch_execute(
+        r#"INSERT INTO zoo VALUES (
+               9007199254740993,
+               12345678901234567890.12345678901234567890, 9223372036854775807, -32768,
+               -2147483648, 3.4028235e38, 'NaN', 12.3400, true,
+               '2024-02-29 23:59:59.999999+14', '0001-01-01 00:00:00', '2000-01-01',
+               '24:00:00', '12:00+05:45', '1 year 2 mons -3 days 04:05:06.789',
+               '\x00ff10', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+               '{1,NULL,3}', '{"a\"b","","NULL",null,"ü"}', '{{1,2},{3,4}}',
+               '{"b": 1, "a": [1.0, 2e3], "a": "dup"}', '{"z": 0.10, "y": {"x": null}}',
+               'happy 😀', 0.000001, '(1.5,-0,"la ""bel""")', '::ffff:1.2.3.4', '10.0.0.0/8',
+               '08:00:2b:01:02:03', B'1010', '[1,10)', '<a>&amp;</a>', 'ab',
+               E'tab\tnl\n', 'Ünïcödé ✓ 🦀 𝕏, \u0000 as text, \\ and " too', NULL, 'q')"#,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    let mut expected = vec![rendered(&db).await];
+    db.batch_execute(
+        "UPDATE zoo SET txt = repeat('wide ', 20000), ints = ARRAY(SELECT generate_series(1, 5000))",
+    )
+    .await
+    .expect("update");
+    expected.push(rendered(&db).await);
+    expected.push(expected[1].clone());
+    db.batch_execute("DELETE FROM zoo").await.expect("delete");
+
+    let got = rx.expect(3, WAIT, QUIET).await;
+    let mut bodies: Vec<(String, String)> = got
+        .iter()
+        .map(|r| (r.header("hook-event").to_owned(), raw_data(&r.body)))
+        .collect();
+    bodies.sort_by_key(|(event, _)| {
+        ["zoo.created", "zoo.changed", "zoo.removed"]
+            .iter()
+            .position(|e| e == event)
+    });
+    for ((event, body), want) in bodies.iter().zip(&expected) {
+        // Value by value first (for a readable failure), then byte for byte.
+        let got: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let want_map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(want).expect("JSON");
+        assert_eq!(got.len(), want_map.len(), "{event}");
+        for (key, value) in &want_map {
+            assert_eq!(got.get(key), Some(value), "{event}: column {key}");
+        }
+        assert_eq!(body, want, "{event}: to_jsonb's text, unchanged");
+    }
+    let created: serde_json::Value = serde_json::from_str(&bodies[0].1).expect("JSON");
+    for (key, literal) in [
+        ("id", "9007199254740993"),
+        ("n", "12345678901234567890.12345678901234567890"),
+        ("big", "9223372036854775807"),
+        ("money_", "12.3400"),
+        ("d", "\"NaN\""),
+        ("ts", "\"2024-02-29T15:44:59.999999+05:45\""),
+        ("tsz", "\"0001-01-01T00:00:00\""),
+        ("iv", "\"1 year 2 mons -3 days +04:05:06.789\""),
+        ("bytes", "\"\\\\x00ff10\""),
+        ("ints", "[1, null, 3]"),
+        ("nested", "[[1, 2], [3, 4]]"),
+        ("jb", "{\"y\": {\"x\": null}, \"z\": 0.10}"),
+        ("m", "\"happy 😀\""),
+        ("pos", "0.000001"),
+        ("nothing", "null"),
+    ] {
+        assert!(
+            bodies[0].1.contains(&format!("\"{key}\": {literal}")),
+            "{key}: expected {literal} in {}",
+            bodies[0].1
+        );
+    }
+    assert!(created["txt"].as_str().is_some_and(|s| s.contains("🦀 𝕏")));
+    assert_eq!(created["Odd \"Name\""], "q");
+    assert_eq!(created["p"]["label"], "la \"bel\"");
+    let changed: serde_json::Value = serde_json::from_str(&bodies[1].1).expect("JSON");
+    assert_eq!(changed["txt"].as_str().map(str::len), Some(100_000));
+    assert_eq!(changed["ints"].as_array().map(Vec::len), Some(5000));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_table_with_1500_columns_is_captured_and_delivered() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let columns: Vec<String> = (0..1500).map(|i| format!("c{i} int DEFAULT {i}")).collect();
+    db.batch_execute(&format!(
+        "CREATE TABLE wide (id int PRIMARY KEY, {});
+         SELECT thorn.webhook_model('public.wide');",
+        columns.join(", ")
+    ))
+    .await
+    .expect("wide table");
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "wide.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO wide (id) VALUES (1)")
+        .await
+        .expect("insert");
+    let got = rx.expect(1, WAIT, QUIET).await;
+    let data = &got[0].json()["data"];
+    assert_eq!(data.as_object().map(|o| o.len()), Some(1501));
+    assert_eq!(data["c1499"], 1499);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_five_megabyte_row_is_delivered_whole() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE doc (id int PRIMARY KEY, body text);
+         SELECT thorn.webhook_model('public.doc');",
+    )
+    .await
+    .expect("table");
+    // A plain server: the axum test receiver caps bodies at 2 MB.
+    let mut server = RawServer::start(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await;
+    })
+    .await;
+    subscribe(&db, "doc.*", &server.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.delivery.timeout = std::time::Duration::from_secs(10);
+    config.delivery.lease_setting = Some(std::time::Duration::from_secs(30));
+    let daemon = Daemon::start(config);
+    // 5 MB of incompressible text, written in a transaction that goes on
+    // after the insert and commits.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO doc SELECT 1, string_agg(md5(i::text), '') FROM generate_series(1, 163840) i;
+         SELECT pg_notify('unrelated', 'the transaction continues');
+         COMMIT;",
+    )
+    .await
+    .expect("a 5 MB row commits");
+    let ended = wait_ended(&db, 1, WAIT).await;
+    assert_eq!(ended[0].state, "delivered", "{:?}", ended[0].error);
+    let (_, body) = tokio::time::timeout(WAIT, server.requests.recv())
+        .await
+        .expect("request")
+        .expect("body");
+    let envelope: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(
+        envelope["data"]["body"].as_str().map(str::len),
+        Some(5 * 1024 * 1024)
+    );
+    daemon.stop().await;
+}
