@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::db::{self, listen, migrate};
 use crate::deliver::{client, complete, worker::Worker};
 use crate::dispatch::Dispatcher;
+use crate::ops::Ops;
 
 /// Connects (waiting for the database if needed) and applies migrations.
 pub async fn prepare_database(
@@ -42,50 +43,72 @@ pub async fn prepare_database(
 
 /// Runs the daemon until `shutdown` fires, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(config, shutdown, Ops::default()).await
+}
+
+/// [`run`], with systemd notifications, the health and metrics endpoint and
+/// reloads as `ops` asks.
+pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> anyhow::Result<()> {
+    let listening = Arc::new(AtomicBool::new(false));
+    let ops = ops.start(&config, listening.clone()).await?;
+    ops.status("connecting to the database and applying migrations");
     if !prepare_database(&config, &shutdown).await? {
+        ops.stopping("stopped before the database was reached");
+        ops.finish().await;
         return Ok(());
     }
+    ops.status("starting the tasks");
     let url = config.database_url.0.clone();
     let http = client::Client::new(&config).context("building the HTTP client")?;
 
     let wake = Arc::new(Notify::new());
     let ready = Arc::new(Notify::new());
-    let listening = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel(4 * config.delivery.concurrency);
     let requests = TaskTracker::new();
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
 
-    let listener = tokio::spawn(listen::run(
-        url.clone(),
-        wake.clone(),
-        listening.clone(),
-        stop.clone(),
+    let listener = tokio::spawn(ops.watch(
+        "listener",
+        listen::run(url.clone(), wake.clone(), listening.clone(), stop.clone()),
     ));
     let dispatcher = tokio::spawn(
-        Dispatcher {
-            url: url.clone(),
-            settings: config.dispatch.clone(),
-            wake,
-            deliveries_ready: ready.clone(),
-        }
-        .run(stop.clone()),
+        ops.watch(
+            "dispatcher",
+            Dispatcher {
+                url: url.clone(),
+                settings: config.dispatch.clone(),
+                wake,
+                deliveries_ready: ready.clone(),
+                probe: ops.probe("dispatcher"),
+            }
+            .run(stop.clone()),
+        ),
     );
-    let completer = tokio::spawn(complete::run(url.clone(), done_rx, ready.clone()));
+    let completer = tokio::spawn(ops.watch(
+        "completer",
+        complete::run(url.clone(), done_rx, ready.clone()),
+    ));
     let sender = tokio::spawn(
-        Worker {
-            url,
-            settings: config.delivery.clone(),
-            client: http,
-            ready,
-            done: done_tx,
-            tracker: requests.clone(),
-        }
-        .run(stop.clone()),
+        ops.watch(
+            "sender",
+            Worker {
+                url,
+                settings: config.delivery.clone(),
+                client: http,
+                ready,
+                done: done_tx,
+                tracker: requests.clone(),
+                probe: ops.probe("sender"),
+            }
+            .run(stop.clone()),
+        ),
     );
     tracing::info!("thorn is running");
+    ops.ready_when_listening(&stop).await;
 
     stop.cancelled().await;
+    ops.stopping("stopping: draining requests in flight");
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
     let _ = tokio::join!(listener, dispatcher, sender);
     requests.close();
@@ -101,5 +124,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // tasks are done too, the completer drains and returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
     tracing::info!("stopped");
+    ops.finish().await;
     Ok(())
 }

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::config::Dispatch as Settings;
 use crate::db::{self, queue};
 use crate::matcher::Matcher;
+use crate::ops::Probe;
 
 /// How often the outbox is polled while lingering.
 const LINGER_POLL: Duration = Duration::from_millis(2);
@@ -32,6 +33,8 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     /// Woken here when new deliveries exist.
     pub deliveries_ready: Arc<Notify>,
+    /// Heartbeat and counters for operations.
+    pub probe: Probe,
 }
 
 impl Dispatcher {
@@ -62,6 +65,7 @@ impl Dispatcher {
         let mut matcher = Matcher::default();
         let mut last_work = Instant::now();
         loop {
+            self.probe.beat();
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -140,6 +144,7 @@ impl Dispatcher {
         let dispatched: Vec<i64> = events.iter().map(|e| e.id).collect();
         statements.mark_dispatched(&tx, &dispatched).await?;
         tx.commit().await?;
+        self.probe.metrics().dispatched(events.len(), ids.len());
         tracing::debug!(events = events.len(), deliveries = ids.len(), "dispatched");
         if !ids.is_empty() {
             self.deliveries_ready.notify_one();

@@ -14,6 +14,7 @@ pub mod db;
 pub mod deliver;
 pub mod dispatch;
 pub mod matcher;
+pub mod ops;
 pub mod payload;
 pub mod receive;
 pub mod sign;

@@ -21,6 +21,7 @@ use super::complete::Done;
 use super::retry;
 use crate::config::Delivery as Settings;
 use crate::db::{self, queue};
+use crate::ops::Probe;
 
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -74,6 +75,8 @@ pub struct Worker {
     pub ready: Arc<Notify>,
     pub done: mpsc::Sender<Done>,
     pub tracker: TaskTracker,
+    /// Heartbeat and counters for operations.
+    pub probe: Probe,
 }
 
 impl Worker {
@@ -108,6 +111,7 @@ impl Worker {
         let batch = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
         let limit = self.settings.per_subscriber_concurrency;
         loop {
+            self.probe.beat();
             let first = tokio::select! {
                 permit = slots.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -177,9 +181,15 @@ impl Worker {
         let done = self.done.clone();
         let ready = self.ready.clone();
         let settings = self.settings.clone();
+        let probe = self.probe.clone();
         self.tracker.spawn(async move {
             let attempt = client.attempt(&delivery).await;
             let record = outcome(&delivery, &attempt, &settings);
+            let c = &record.completion;
+            let age = delivery.event_age + delivery.claimed_at.elapsed();
+            probe
+                .metrics()
+                .attempt(c.state, c.error_class, attempt.duration, Some(age));
             in_flight.leave(delivery.subscriber_id);
             drop(permit);
             // A freed slot may be what the claimer waits for.
