@@ -240,6 +240,7 @@ async fn run(
                 metrics_listener: None,
                 reloads: Some(reloads),
                 logging: Some(logging),
+                monitor_interval: None,
             };
             thorn::daemon::run_with(config, shutdown_on_signals()?, ops).await
         }

@@ -40,6 +40,9 @@ pub struct Ops {
     pub reloads: Option<mpsc::Receiver<reload::Reload>>,
     /// Changes the log filter at run time.
     pub logging: Option<logging::Logging>,
+    /// How often the monitor runs; default: half the watchdog interval,
+    /// at most 5 s.
+    pub monitor_interval: Option<Duration>,
 }
 
 /// One task's liveness, as the monitor sees it.
@@ -235,7 +238,9 @@ impl Ops {
                 url: config.database_url.0.clone(),
                 state: state.clone(),
                 notifier: self.notifier.clone(),
-                interval: monitor::interval(self.notifier.watchdog()),
+                interval: self
+                    .monitor_interval
+                    .unwrap_or_else(|| monitor::interval(self.notifier.watchdog())),
             }
             .run(finished.clone()),
         );

@@ -72,15 +72,16 @@ impl Monitor {
                 self.state.listening(),
                 health.healthy,
             );
-            if health.healthy {
+            // systemd arms the watchdog at READY=1; before that the start
+            // timeout rules.
+            let started = self.state.ready.load(Ordering::SeqCst);
+            if health.healthy && started {
                 self.notifier.watchdog_ping();
-            } else if health.problems != last_problems {
+            } else if !health.healthy && health.problems != last_problems {
                 tracing::error!(problems = ?health.problems, "unhealthy: not feeding the watchdog");
             }
             last_problems = health.problems;
-            if self.state.ready.load(Ordering::SeqCst)
-                && !self.state.stopping.load(Ordering::SeqCst)
-            {
+            if started && !self.state.stopping.load(Ordering::SeqCst) {
                 self.notifier
                     .status(&status_line(&self.state, backlog.as_ref(), &last_problems));
             }

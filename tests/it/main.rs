@@ -3,4 +3,5 @@
 
 mod capture;
 mod delivery;
+mod ops;
 mod support;
