@@ -117,6 +117,10 @@ pub struct Delivery {
     /// Time in-flight requests get to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A subscriber failing this long without a single success is
+    /// deactivated.
+    #[serde(with = "humantime_serde")]
+    pub disable_after: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -204,6 +208,7 @@ impl Default for Delivery {
             max_retry_after: Duration::from_secs(3600),
             max_response_bytes: 4096,
             shutdown_grace: Duration::from_secs(10),
+            disable_after: Duration::from_secs(5 * 86_400),
         }
     }
 }

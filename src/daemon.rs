@@ -18,9 +18,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::db::{self, listen, migrate};
-use crate::deliver::{client, complete, worker::Worker};
+use crate::deliver::worker::{InFlight, Worker};
+use crate::deliver::{client, complete};
 use crate::dispatch::Dispatcher;
 use crate::ops::Ops;
+use crate::retention;
 
 /// Connects (waiting for the database if needed) and applies migrations.
 pub async fn prepare_database(
@@ -65,12 +67,23 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     let ready = Arc::new(Notify::new());
     let (done_tx, done_rx) = mpsc::channel(4 * config.delivery.concurrency);
     let requests = TaskTracker::new();
+    let in_flight = Arc::new(InFlight::default());
+    let abort = CancellationToken::new();
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
 
+    let pruner = tokio::spawn(ops.watch(
+        "pruner",
+        retention::run(url.clone(), config.retention.clone(), stop.clone()),
+    ));
     let listener = tokio::spawn(ops.watch(
         "listener",
-        listen::run(url.clone(), wake.clone(), listening.clone(), stop.clone()),
+        listen::run(
+            url.clone(),
+            vec![wake.clone(), ready.clone()],
+            listening.clone(),
+            stop.clone(),
+        ),
     ));
     let dispatcher = tokio::spawn(
         ops.watch(
@@ -87,7 +100,12 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     );
     let completer = tokio::spawn(ops.watch(
         "completer",
-        complete::run(url.clone(), done_rx, ready.clone()),
+        complete::run(
+            url.clone(),
+            done_rx,
+            ready.clone(),
+            config.delivery.disable_after,
+        ),
     ));
     let sender = tokio::spawn(
         ops.watch(
@@ -99,6 +117,8 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
                 ready,
                 done: done_tx,
                 tracker: requests.clone(),
+                in_flight: in_flight.clone(),
+                abort: abort.clone(),
                 probe: ops.probe("sender"),
             }
             .run(stop.clone()),
@@ -110,20 +130,44 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     stop.cancelled().await;
     ops.stopping("stopping: draining requests in flight");
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
-    let _ = tokio::join!(listener, dispatcher, sender);
+    let _ = tokio::join!(listener, dispatcher, sender, pruner);
     requests.close();
     if tokio::time::timeout(config.delivery.shutdown_grace, requests.wait())
         .await
         .is_err()
     {
-        tracing::warn!(
-            "requests still in flight after the shutdown grace period; their leases will expire and they will be sent again"
-        );
+        let unfinished = in_flight.deliveries();
+        abort.cancel();
+        requests.wait().await;
+        release_unfinished(&config.database_url.0, &unfinished).await;
     }
-    // The sender's channel end is gone with its task; once the in-flight
-    // tasks are done too, the completer drains and returns.
+    // The sender's channel end went with its task and the requests' with
+    // theirs: the completer writes what is left and returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
     tracing::info!("stopped");
     ops.finish().await;
     Ok(())
+}
+
+/// Hands the leases of requests cut off by shutdown back at once, so another
+/// daemon sends them now instead of after the lease.
+async fn release_unfinished(url: &str, unfinished: &[uuid::Uuid]) {
+    if unfinished.is_empty() {
+        return;
+    }
+    let released = match db::connect(url).await {
+        Ok(client) => db::queue::release(&client, unfinished).await,
+        Err(error) => Err(error),
+    };
+    match released {
+        Ok(n) => tracing::warn!(
+            released = n,
+            "requests unfinished after the shutdown grace period were released"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            unfinished = unfinished.len(),
+            "could not release unfinished requests; they are sent again when their leases expire"
+        ),
+    }
 }

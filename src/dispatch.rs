@@ -23,6 +23,10 @@ use crate::db::{self, queue};
 use crate::matcher::Matcher;
 use crate::ops::Probe;
 
+/// Deliveries written by one dispatch transaction, at most (about: one
+/// event's fan-out is never split).
+const MAX_DELIVERIES_PER_BATCH: usize = 10_000;
+
 /// How often the outbox is polled while lingering.
 const LINGER_POLL: Duration = Duration::from_millis(2);
 
@@ -129,26 +133,36 @@ impl Dispatcher {
         let mut ids = Vec::new();
         let mut event_ids = Vec::new();
         let mut subscribers = Vec::new();
+        let mut dispatched = Vec::with_capacity(events.len());
         for event in &events {
+            // Wide fan-out: stop at a bounded transaction; the remaining
+            // claimed events stay pending and go in the next batch.
+            if ids.len() >= MAX_DELIVERIES_PER_BATCH {
+                break;
+            }
             for subscriber in matcher.recipients(&event.name, event.sender.as_deref()) {
                 ids.push(Uuid::now_v7());
                 event_ids.push(event.id);
                 subscribers.push(subscriber);
             }
+            dispatched.push(event.id);
         }
         if !ids.is_empty() {
             statements
                 .insert_deliveries(&tx, &ids, &event_ids, &subscribers)
                 .await?;
         }
-        let dispatched: Vec<i64> = events.iter().map(|e| e.id).collect();
         statements.mark_dispatched(&tx, &dispatched).await?;
         tx.commit().await?;
-        self.probe.metrics().dispatched(events.len(), ids.len());
-        tracing::debug!(events = events.len(), deliveries = ids.len(), "dispatched");
+        self.probe.metrics().dispatched(dispatched.len(), ids.len());
+        tracing::debug!(
+            events = dispatched.len(),
+            deliveries = ids.len(),
+            "dispatched"
+        );
         if !ids.is_empty() {
             self.deliveries_ready.notify_one();
         }
-        Ok(events.len())
+        Ok(dispatched.len())
     }
 }

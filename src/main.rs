@@ -39,6 +39,44 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DatabaseCheck::Skip)]
         database: DatabaseCheck,
     },
+    /// Show pending work, failures and deactivated subscribers
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead deliveries again (all, one subscriber's, or since a time)
+    Retry {
+        /// Only this subscriber's
+        #[arg(long)]
+        subscriber: Option<uuid::Uuid>,
+        /// Only those that died since this time (RFC 3339) or age (2h)
+        #[arg(long, value_parser = thorn::operator::parse_time)]
+        since: Option<std::time::SystemTime>,
+        /// Only these deliveries
+        #[arg(long = "delivery")]
+        deliveries: Vec<uuid::Uuid>,
+        /// Required when no other filter is given
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver stored events to a subscriber again
+    Replay {
+        #[arg(long)]
+        subscriber: uuid::Uuid,
+        /// Event ids
+        #[arg(long = "event")]
+        events: Vec<i64>,
+        /// Events captured at or after this time (RFC 3339) or age (2h)
+        #[arg(long, value_parser = thorn::operator::parse_time)]
+        from: Option<std::time::SystemTime>,
+        /// Events captured before this time
+        #[arg(long, value_parser = thorn::operator::parse_time)]
+        to: Option<std::time::SystemTime>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a receiver that verifies and prints deliveries
     Receive {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -206,6 +244,12 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
+async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    thorn::db::connect(&config.database_url.0)
+        .await
+        .context("connecting to the database")
+}
+
 async fn run(
     command: Command,
     config: Config,
@@ -214,9 +258,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            let mut client = thorn::db::connect(&config.database_url.0)
-                .await
-                .context("connecting to the database")?;
+            let mut client = connect(&config).await?;
             let applied = thorn::db::migrate::migrate(&mut client).await?;
             if applied.is_empty() {
                 println!(
@@ -243,6 +285,68 @@ async fn run(
                 monitor_interval: None,
             };
             thorn::daemon::run_with(config, shutdown_on_signals()?, ops).await
+        }
+        Command::Status { json } => {
+            let db = connect(&config).await?;
+            let status = thorn::operator::status::collect(&db).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(())
+        }
+        Command::Retry {
+            subscriber,
+            since,
+            deliveries,
+            all,
+            json,
+        } => {
+            if !all && subscriber.is_none() && since.is_none() && deliveries.is_empty() {
+                anyhow::bail!("say which dead deliveries to retry: --all, --subscriber, --since or --delivery");
+            }
+            let selection = thorn::operator::retry::Selection {
+                subscriber,
+                since,
+                deliveries,
+            };
+            let db = connect(&config).await?;
+            let (requeued, skipped) = thorn::operator::retry::requeue(&db, &selection).await?;
+            if json {
+                let report = serde_json::json!({"requeued": requeued, "skipped_inactive": skipped});
+                println!("{report}");
+            } else {
+                println!("re-queued {} dead deliveries", requeued.len());
+                if skipped > 0 {
+                    println!("skipped {skipped} of inactive subscribers (enable them first)");
+                }
+            }
+            Ok(())
+        }
+        Command::Replay {
+            subscriber,
+            events,
+            from,
+            to,
+            json,
+        } => {
+            if events.is_empty() && from.is_none() && to.is_none() {
+                anyhow::bail!("say which events to replay: --event ID, --from or --to");
+            }
+            let db = connect(&config).await?;
+            let selection = thorn::operator::replay::Events {
+                ids: events,
+                from,
+                to,
+            };
+            let created = thorn::operator::replay::replay(&db, subscriber, &selection).await?;
+            if json {
+                println!("{}", serde_json::json!({"deliveries": created}));
+            } else {
+                println!("queued {} deliveries to {subscriber}", created.len());
+            }
+            Ok(())
         }
         Command::CheckConfig { .. } => Ok(()),
         Command::Receive {

@@ -1,5 +1,6 @@
 //! The wake-up listener: one connection that LISTENs on channel `thorn` and
-//! turns notifications into a [`Notify`] for the dispatcher.
+//! turns notifications into [`Notify`] wake-ups for the dispatcher (new
+//! events) and the sender (deliveries an operator re-queued).
 //!
 //! NOTIFY is only a hint; the outbox is the truth. So after every
 //! (re)connect the listener wakes the dispatcher once, which sweeps the
@@ -17,10 +18,11 @@ use super::Backoff;
 pub const CHANNEL: &str = "thorn";
 
 /// Runs until `shutdown`; reconnects with backoff whenever the connection
-/// drops. `listening` is set while LISTEN is active (for readiness).
+/// drops. Every notification and every (re)connect wakes all of `wake`;
+/// `listening` is set while LISTEN is active (for readiness).
 pub async fn run(
     url: String,
-    wake: Arc<Notify>,
+    wake: Vec<Arc<Notify>>,
     listening: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 ) {
@@ -54,11 +56,12 @@ pub async fn run(
                         backoff.reset();
                         listening.store(true, Ordering::SeqCst);
                         tracing::debug!("listening for wake-ups");
-                        wake.notify_one();
+                        let wake_all = || wake.iter().for_each(|w| w.notify_one());
+                        wake_all();
                         loop {
                             tokio::select! {
                                 got = rx.recv() => match got {
-                                    Some(()) => wake.notify_one(),
+                                    Some(()) => wake_all(),
                                     None => break,
                                 },
                                 _ = shutdown.cancelled() => break,

@@ -10,6 +10,11 @@ use tokio_postgres::Client;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "schema", include_str!("../../sql/0001_schema.sql")),
     (2, "annotate", include_str!("../../sql/0002_annotate.sql")),
+    (
+        5,
+        "resilience",
+        include_str!("../../sql/0005_resilience.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.
@@ -36,6 +41,8 @@ pub fn latest() -> i32 {
 }
 
 /// Applies what is missing; returns the versions applied now.
+///
+/// Version numbers may have gaps; they only order the files.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
@@ -53,7 +60,8 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
 async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
     client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS thorn;
+            "SET client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS thorn;
              CREATE TABLE IF NOT EXISTS thorn.migration (
                  version    integer PRIMARY KEY,
                  name       text NOT NULL,
@@ -68,8 +76,16 @@ async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
             known: latest(),
         });
     }
+    // Apply every missing version in order, not just those above the
+    // highest: a version added between two released ones still runs.
+    let done: Vec<i32> = client
+        .query("SELECT version FROM thorn.migration", &[])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     let mut applied = Vec::new();
-    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| !done.contains(&m.0)) {
         let fail = |source| MigrateError::Apply {
             version,
             name,

@@ -300,6 +300,46 @@ pub async fn deactivate(
     .await
 }
 
+/// Tracks how long subscribers have been failing: a success clears
+/// `failing_since`, a failure sets it if unset, and a subscriber failing
+/// longer than `disable_after` is deactivated. Returns the deactivated ids.
+pub async fn record_health(
+    db: &impl GenericClient,
+    succeeded: &[Uuid],
+    failed: &[Uuid],
+    disable_after: Duration,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    if !succeeded.is_empty() {
+        db.execute(
+            "UPDATE thorn.subscriber SET failing_since = NULL
+             WHERE id = ANY($1) AND failing_since IS NOT NULL",
+            &[&succeeded],
+        )
+        .await?;
+    }
+    if failed.is_empty() {
+        return Ok(Vec::new());
+    }
+    db.execute(
+        "UPDATE thorn.subscriber SET failing_since = now()
+         WHERE id = ANY($1) AND NOT id = ANY($2) AND failing_since IS NULL",
+        &[&failed, &succeeded],
+    )
+    .await?;
+    let rows = db
+        .query(
+            "UPDATE thorn.subscriber
+             SET active = false,
+                 deactivated_reason = 'no successful delivery since ' || failing_since
+             WHERE id = ANY($1) AND active
+               AND failing_since < now() - $2::float8 * interval '1 second'
+             RETURNING id",
+            &[&failed, &disable_after.as_secs_f64()],
+        )
+        .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
+
 /// Asks capture triggers to NOTIFY: this session is about to sleep.
 pub async fn arm_wakeup(db: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
     db.execute(

@@ -6,7 +6,9 @@
 //! if the process dies first, the leases run out and the deliveries are sent
 //! again (at-least-once).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -22,11 +24,19 @@ pub struct Done {
     pub subscriber_id: Uuid,
     /// Set when the answer was 410 Gone.
     pub gone: bool,
+    /// Whether the attempt says something about the endpoint's health (an
+    /// inactive subscriber's skipped delivery does not).
+    pub counts_for_health: bool,
 }
 
 /// Runs until every sender has dropped its channel end and the queue is
 /// written. `retry_scheduled` wakes the claimer so it can plan its next poll.
-pub async fn run(url: String, mut rx: mpsc::Receiver<Done>, retry_scheduled: Arc<Notify>) {
+pub async fn run(
+    url: String,
+    mut rx: mpsc::Receiver<Done>,
+    retry_scheduled: Arc<Notify>,
+    disable_after: Duration,
+) {
     // Outlives shutdown on purpose: it stops when the senders are gone.
     let never = CancellationToken::new();
     let mut batch: Vec<Done> = Vec::new();
@@ -53,7 +63,7 @@ pub async fn run(url: String, mut rx: mpsc::Receiver<Done>, retry_scheduled: Arc
                     }
                 }
             }
-            if let Err(error) = write(&client, &statements, &batch).await {
+            if let Err(error) = write(&client, &statements, &batch, disable_after).await {
                 tracing::warn!(%error, pending = batch.len(), "cannot record outcomes; reconnecting");
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue 'connect;
@@ -71,19 +81,32 @@ async fn write(
     client: &tokio_postgres::Client,
     statements: &queue::Statements,
     batch: &[Done],
+    disable_after: Duration,
 ) -> Result<(), tokio_postgres::Error> {
     let completions: Vec<queue::Completion> = batch.iter().map(|d| d.completion.clone()).collect();
     statements.complete(client, &completions).await?;
-    let gone: Vec<Uuid> = batch
-        .iter()
-        .filter(|d| d.gone)
-        .map(|d| d.subscriber_id)
-        .collect();
-    if !gone.is_empty() {
-        let n = queue::deactivate(client, &gone, "410 Gone").await?;
-        if n > 0 {
-            tracing::warn!(subscribers = ?gone, "deactivated subscribers that answered 410 Gone");
-        }
+
+    let subscribers = |keep: &dyn Fn(&Done) -> bool| -> Vec<Uuid> {
+        let set: BTreeSet<Uuid> = batch
+            .iter()
+            .filter(|d| keep(d))
+            .map(|d| d.subscriber_id)
+            .collect();
+        set.into_iter().collect()
+    };
+    let gone = subscribers(&|d| d.gone);
+    if !gone.is_empty() && queue::deactivate(client, &gone, "410 Gone").await? > 0 {
+        tracing::warn!(subscribers = ?gone, "deactivated subscribers that answered 410 Gone");
+    }
+    let succeeded = subscribers(&|d| d.completion.state == "delivered");
+    let failed = subscribers(&|d| d.counts_for_health && d.completion.state != "delivered");
+    let disabled = queue::record_health(client, &succeeded, &failed, disable_after).await?;
+    if !disabled.is_empty() {
+        tracing::warn!(
+            subscribers = ?disabled,
+            disable_after = %humantime::format_duration(disable_after),
+            "deactivated subscribers that kept failing without a success"
+        );
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! endpoint holds at most its own share of the slots and never a lease it
 //! cannot use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,47 +23,74 @@ use crate::config::Delivery as Settings;
 use crate::db::{self, queue};
 use crate::ops::Probe;
 
+/// Longest wait for more free slots before a claim under load.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// Adds free slots to `permits`, up to `max`.
+fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, max: usize) {
+    while permits.len() < max {
+        match slots.clone().try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
-/// In-flight requests per subscriber.
+/// The requests in flight: their delivery ids, and a count per subscriber.
 #[derive(Default)]
-struct InFlight(Mutex<HashMap<Uuid, usize>>);
+pub struct InFlight(Mutex<Tracked>);
+
+#[derive(Default)]
+struct Tracked {
+    per_subscriber: HashMap<Uuid, usize>,
+    deliveries: HashSet<Uuid>,
+}
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, usize>> {
-        // A panic while holding this lock cannot leave the map inconsistent.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        // A panic while holding this lock cannot leave the maps inconsistent.
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn try_enter(&self, id: Uuid, limit: usize) -> bool {
-        let mut map = self.lock();
-        let n = map.entry(id).or_insert(0);
+    fn try_enter(&self, delivery: Uuid, subscriber: Uuid, limit: usize) -> bool {
+        let mut t = self.lock();
+        let n = t.per_subscriber.entry(subscriber).or_insert(0);
         if *n >= limit {
             return false;
         }
         *n += 1;
+        t.deliveries.insert(delivery);
         true
     }
 
-    fn leave(&self, id: Uuid) {
-        let mut map = self.lock();
-        if let Some(n) = map.get_mut(&id) {
+    fn leave(&self, delivery: Uuid, subscriber: Uuid) {
+        let mut t = self.lock();
+        t.deliveries.remove(&delivery);
+        if let Some(n) = t.per_subscriber.get_mut(&subscriber) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&id);
+                t.per_subscriber.remove(&subscriber);
             }
         }
     }
 
     fn saturated(&self, limit: usize) -> Vec<Uuid> {
         self.lock()
+            .per_subscriber
             .iter()
             .filter(|(_, &n)| n >= limit)
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    /// The deliveries whose requests have not finished.
+    pub fn deliveries(&self) -> Vec<Uuid> {
+        self.lock().deliveries.iter().copied().collect()
     }
 }
 
@@ -75,6 +102,9 @@ pub struct Worker {
     pub ready: Arc<Notify>,
     pub done: mpsc::Sender<Done>,
     pub tracker: TaskTracker,
+    pub in_flight: Arc<InFlight>,
+    /// Cuts off requests still running when the shutdown grace ends.
+    pub abort: CancellationToken,
     /// Heartbeat and counters for operations.
     pub probe: Probe,
 }
@@ -84,7 +114,7 @@ impl Worker {
     /// requests are tracked by `tracker` for the caller to await.
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
-        let in_flight = Arc::new(InFlight::default());
+        let in_flight = self.in_flight.clone();
         let mut backoff = db::Backoff::new();
         while let Some(client) = db::connect_retrying(&self.url, "sender", &shutdown).await {
             match self.serve(&client, &slots, &in_flight, &shutdown).await {
@@ -110,6 +140,7 @@ impl Worker {
         let statements = queue::Statements::prepare(client).await?;
         let batch = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
         let limit = self.settings.per_subscriber_concurrency;
+        let gather = batch.min(self.settings.concurrency) / 4;
         loop {
             self.probe.beat();
             let first = tokio::select! {
@@ -120,10 +151,22 @@ impl Worker {
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let mut permits = vec![first];
-            while permits.len() < batch {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            take_free(slots, &mut permits, batch);
+            // Under load, slots free up one request at a time: gather a few
+            // (briefly) before claiming, so claims stay batches and not
+            // single rows. An idle daemon has every slot free and claims at
+            // once.
+            let busy = permits.len() < self.settings.concurrency;
+            if busy && permits.len() < gather {
+                let deadline = tokio::time::Instant::now() + GATHER;
+                while permits.len() < gather {
+                    tokio::select! {
+                        permit = slots.clone().acquire_owned() => match permit {
+                            Ok(p) => permits.push(p),
+                            Err(_) => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
                 }
             }
             let wanted = permits.len();
@@ -134,7 +177,7 @@ impl Worker {
             let got = claimed.len();
             let mut over_limit = Vec::new();
             for delivery in claimed {
-                if !in_flight.try_enter(delivery.subscriber_id, limit) {
+                if !in_flight.try_enter(delivery.id, delivery.subscriber_id, limit) {
                     over_limit.push(delivery.id);
                     continue;
                 }
@@ -181,16 +224,21 @@ impl Worker {
         let done = self.done.clone();
         let ready = self.ready.clone();
         let settings = self.settings.clone();
+        let abort = self.abort.clone();
         let probe = self.probe.clone();
         self.tracker.spawn(async move {
-            let attempt = client.attempt(&delivery).await;
+            let attempt = tokio::select! {
+                attempt = client.attempt(&delivery) => attempt,
+                // Past the shutdown grace: the caller releases the lease.
+                _ = abort.cancelled() => return,
+            };
             let record = outcome(&delivery, &attempt, &settings);
             let c = &record.completion;
             let age = delivery.event_age + delivery.claimed_at.elapsed();
             probe
                 .metrics()
                 .attempt(c.state, c.error_class, attempt.duration, Some(age));
-            in_flight.leave(delivery.subscriber_id);
+            in_flight.leave(delivery.id, delivery.subscriber_id);
             drop(permit);
             // A freed slot may be what the claimer waits for.
             ready.notify_one();
@@ -249,5 +297,6 @@ fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
         },
         subscriber_id: d.subscriber_id,
         gone: attempt.result == Err(Failure::Status(410)),
+        counts_for_health: !matches!(attempt.result, Err(Failure::Inactive | Failure::Invalid)),
     }
 }

@@ -4,4 +4,7 @@
 mod capture;
 mod delivery;
 mod ops;
+mod policy;
+mod process;
+mod resilience;
 mod support;

@@ -62,7 +62,12 @@ impl TestDb {
     /// A config for this database that may deliver to loopback, with fast
     /// retries and polls.
     pub fn config(&self) -> Config {
-        let text = format!(
+        Config::load(Some(&self.config_text()), &HashMap::new()).expect("test config")
+    }
+
+    /// The TOML of [`TestDb::config`], for a daemon run as a process.
+    pub fn config_text(&self) -> String {
+        format!(
             r#"
             database_url = "{}"
             [dispatch]
@@ -77,8 +82,7 @@ impl TestDb {
             allow_networks = ["127.0.0.0/8"]
             "#,
             self.url
-        );
-        Config::load(Some(&text), &HashMap::new()).expect("test config")
+        )
     }
 }
 
@@ -129,21 +133,56 @@ impl Received {
     }
 }
 
-type Script = Arc<Mutex<VecDeque<u16>>>;
+/// How the receiver answers one request.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub status: u16,
+    /// Wait this long before answering (a slow or hanging endpoint).
+    pub delay: Duration,
+    pub retry_after: Option<&'static str>,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            ..Reply::default()
+        }
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    queue: VecDeque<Reply>,
+    /// The answer once the queue is empty.
+    otherwise: Option<Reply>,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+struct Leaving(Arc<Mutex<Script>>);
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.in_flight -= 1;
+        }
+    }
+}
 
 /// An HTTP server on 127.0.0.1:0 that records every request and answers
-/// with the scripted statuses, then 200.
+/// with the scripted replies, then 200 (or the scripted default).
 pub struct Receiver {
     pub addr: SocketAddr,
     rx: mpsc::UnboundedReceiver<Received>,
-    script: Script,
+    script: Arc<Mutex<Script>>,
     shutdown: CancellationToken,
 }
 
 impl Receiver {
     pub async fn start() -> Receiver {
         let (tx, rx) = mpsc::unbounded_channel();
-        let script: Script = Arc::default();
+        let script: Arc<Mutex<Script>> = Arc::default();
         let answers = script.clone();
         let app = Router::new().fallback(
             move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
@@ -159,8 +198,24 @@ impl Receiver {
                         body,
                         at: Instant::now(),
                     });
-                    let code = answers.lock().expect("script").pop_front().unwrap_or(200);
-                    StatusCode::from_u16(code).expect("status")
+                    let reply = {
+                        let mut s = answers.lock().expect("script");
+                        s.in_flight += 1;
+                        s.max_in_flight = s.max_in_flight.max(s.in_flight);
+                        let fallback = s.otherwise.clone().unwrap_or(Reply::status(200));
+                        s.queue.pop_front().unwrap_or(fallback)
+                    };
+                    // Counts down even when the client hangs up mid-delay.
+                    let _leaving = Leaving(answers.clone());
+                    tokio::time::sleep(reply.delay).await;
+                    let mut response = axum::response::Response::new(axum::body::Body::empty());
+                    *response.status_mut() = StatusCode::from_u16(reply.status).expect("status");
+                    if let Some(after) = reply.retry_after {
+                        response
+                            .headers_mut()
+                            .insert("retry-after", after.parse().expect("header value"));
+                    }
+                    response
                 }
             },
         );
@@ -189,7 +244,23 @@ impl Receiver {
 
     /// Answer the next requests with these statuses.
     pub fn respond_with(&self, statuses: &[u16]) {
-        self.script.lock().expect("script").extend(statuses);
+        let mut s = self.script.lock().expect("script");
+        s.queue.extend(statuses.iter().map(|&c| Reply::status(c)));
+    }
+
+    /// Answer the next request like this.
+    pub fn reply(&self, reply: Reply) {
+        self.script.lock().expect("script").queue.push_back(reply);
+    }
+
+    /// Answer like this once the scripted replies are used up.
+    pub fn otherwise(&self, reply: Reply) {
+        self.script.lock().expect("script").otherwise = Some(reply);
+    }
+
+    /// The most requests that were ever being answered at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.script.lock().expect("script").max_in_flight
     }
 
     pub async fn next(&mut self, within: Duration) -> Option<Received> {

@@ -1,0 +1,55 @@
+//! `thorn retry`: sends dead deliveries again, with a fresh retry schedule.
+
+use std::time::SystemTime;
+
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Which dead deliveries to re-queue; every field narrows the selection.
+#[derive(Debug, Default, Clone)]
+pub struct Selection {
+    pub subscriber: Option<Uuid>,
+    pub since: Option<SystemTime>,
+    pub deliveries: Vec<Uuid>,
+}
+
+/// Re-queues the selected dead deliveries of active subscribers; returns
+/// their ids and how many dead ones were skipped because their subscriber
+/// is inactive.
+pub async fn requeue(
+    db: &Client,
+    selection: &Selection,
+) -> Result<(Vec<Uuid>, i64), tokio_postgres::Error> {
+    let ids: Option<&[Uuid]> =
+        (!selection.deliveries.is_empty()).then_some(&selection.deliveries[..]);
+    let filter = "d.state = 'dead'
+          AND ($1::uuid IS NULL OR d.subscriber_id = $1)
+          AND ($2::timestamptz IS NULL OR d.last_attempt_at >= $2)
+          AND ($3::uuid[] IS NULL OR d.id = ANY ($3))";
+    let requeued = db
+        .query(
+            &format!(
+                "UPDATE thorn.delivery d
+                 SET state = 'pending', attempts = 0, next_attempt_at = now()
+                 FROM thorn.subscriber s
+                 WHERE s.id = d.subscriber_id AND s.active AND {filter}
+                 RETURNING d.id"
+            ),
+            &[&selection.subscriber, &selection.since, &ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<Vec<Uuid>, _>>()?;
+    let skipped: i64 = db
+        .query_one(
+            &format!("SELECT count(*) FROM thorn.delivery d WHERE {filter}"),
+            &[&selection.subscriber, &selection.since, &ids],
+        )
+        .await?
+        .try_get(0)?;
+    if !requeued.is_empty() {
+        super::wake_daemons(db).await?;
+    }
+    Ok((requeued, skipped))
+}

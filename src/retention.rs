@@ -1,0 +1,107 @@
+//! Retention: prunes delivered and dead deliveries, and events nothing
+//! refers to any more, so the outbox stays small.
+//!
+//! Deletes go in batches of [`BATCH`] rows picked with SKIP LOCKED, each its
+//! own short statement, so pruning never holds long locks or blocks a
+//! dispatcher, and several daemons can prune at once.
+
+use std::time::Duration;
+
+use tokio_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Retention;
+use crate::db;
+
+const BATCH: i64 = 1000;
+
+/// Rows removed by one pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub delivered: u64,
+    pub dead: u64,
+    pub events: u64,
+}
+
+/// Prunes every `settings.interval` until `shutdown`.
+pub async fn run(url: String, settings: Retention, shutdown: CancellationToken) {
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if client.is_none() {
+            client = db::connect(&url).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        match prune(c, &settings).await {
+            Ok(p) if p != Pruned::default() => tracing::info!(?p, "pruned old rows"),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "pruning failed; retrying next interval");
+                client = None;
+            }
+        }
+    }
+}
+
+/// One full pass: repeats each batch delete until it comes up short.
+pub async fn prune(
+    db: &impl GenericClient,
+    settings: &Retention,
+) -> Result<Pruned, tokio_postgres::Error> {
+    let delivered = repeat(
+        db,
+        "DELETE FROM thorn.delivery WHERE id IN (
+             SELECT id FROM thorn.delivery
+             WHERE state = 'delivered' AND last_attempt_at < now() - $1::float8 * interval '1 second'
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        settings.delivered,
+    )
+    .await?;
+    let dead = repeat(
+        db,
+        "DELETE FROM thorn.delivery WHERE id IN (
+             SELECT id FROM thorn.delivery
+             WHERE state = 'dead' AND last_attempt_at < now() - $1::float8 * interval '1 second'
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        settings.dead,
+    )
+    .await?;
+    // An event goes once no delivery refers to it; a dead delivery keeps its
+    // event (for `thorn retry`) until the dead one is pruned.
+    let events = repeat(
+        db,
+        "DELETE FROM thorn.event WHERE id IN (
+             SELECT e.id FROM thorn.event e
+             WHERE e.dispatched_at < now() - $1::float8 * interval '1 second'
+               AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        settings.delivered,
+    )
+    .await?;
+    Ok(Pruned {
+        delivered,
+        dead,
+        events,
+    })
+}
+
+async fn repeat(
+    db: &impl GenericClient,
+    sql: &str,
+    age: Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = db.prepare(sql).await?;
+    let mut total = 0;
+    loop {
+        let n = db
+            .execute(&statement, &[&age.as_secs_f64(), &BATCH])
+            .await?;
+        total += n;
+        if n < BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The delivery policy: Retry-After, timeouts, 410 Gone, auto-disable,
+//! isolation between subscribers, ordered delivery, retention, and the
+//! operator commands that act on it.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::resilience::config as process_config;
+use crate::support::{subscribe, Daemon, Received, Receiver, Reply, TestDb, QUIET, WAIT};
+
+async fn item_table(db: &Client) {
+    db.batch_execute(
+        "CREATE TABLE item (id serial PRIMARY KEY, n int NOT NULL);
+         SELECT thorn.webhook_model('public.item', on_change => NULL, on_delete => NULL);",
+    )
+    .await
+    .expect("annotated table");
+}
+
+fn item(r: &Received) -> i64 {
+    r.json()["data"]["n"].as_i64().expect("n")
+}
+
+/// Polls `sql` (one boolean) until it is true; panics after WAIT.
+async fn eventually(db: &Client, sql: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done: bool = db.query_one(sql, &[]).await.expect(sql).get(0);
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never true: {sql}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.reply(Reply {
+        status: 429,
+        retry_after: Some("2"),
+        ..Reply::default()
+    });
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config()); // schedule: 100ms, 200ms
+    db.batch_execute("INSERT INTO item (n) VALUES (1)")
+        .await
+        .expect("insert");
+    let got = rx.expect(2, WAIT, QUIET).await;
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?}, asked for 2s"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_times_out_and_is_retried() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.reply(Reply {
+        status: 200,
+        delay: Duration::from_secs(10),
+        ..Reply::default()
+    });
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.delivery.timeout = Duration::from_millis(500);
+    let daemon = Daemon::start(config);
+    db.batch_execute("INSERT INTO item (n) VALUES (1)")
+        .await
+        .expect("insert");
+    let got = rx.expect(2, WAIT, QUIET).await;
+    assert_eq!(
+        got[0].header("hook-delivery"),
+        got[1].header("hook-delivery")
+    );
+    eventually(
+        &db,
+        "SELECT state = 'delivered' AND attempts = 2 FROM thorn.delivery",
+    )
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn gone_deactivates_the_subscriber() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.respond_with(&[410]);
+    let sub = subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO item (n) VALUES (1)")
+        .await
+        .expect("insert");
+    rx.expect(1, WAIT, QUIET).await;
+    eventually(&db, "SELECT NOT active FROM thorn.subscriber").await;
+    let (state, reason): (String, Option<String>) = db
+        .query_one(
+            "SELECT d.state, s.deactivated_reason FROM thorn.delivery d JOIN thorn.subscriber s ON s.id = $1",
+            &[&sub],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("rows");
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        ("dead", Some("410 Gone"))
+    );
+    // No more deliveries for it.
+    db.batch_execute("INSERT INTO item (n) VALUES (2)")
+        .await
+        .expect("insert");
+    assert!(rx.next(Duration::from_millis(800)).await.is_none());
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_failing_for_too_long_is_deactivated() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let rx = Receiver::start().await;
+    rx.otherwise(Reply::status(500));
+    let healthy = Receiver::start().await;
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let ok = subscribe(&db, "item.*", &healthy.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.delivery.disable_after = Duration::from_millis(500);
+    config.delivery.retry_schedule = vec![Duration::from_millis(100); 20];
+    let daemon = Daemon::start(config);
+    db.batch_execute("INSERT INTO item (n) VALUES (1)")
+        .await
+        .expect("insert");
+    eventually(
+        &db,
+        "SELECT count(*) = 1 FROM thorn.subscriber
+         WHERE NOT active AND deactivated_reason LIKE 'no successful delivery since%'",
+    )
+    .await;
+    let healthy_active: bool = db
+        .query_one("SELECT active FROM thorn.subscriber WHERE id = $1", &[&ok])
+        .await
+        .expect("row")
+        .get(0);
+    assert!(healthy_active);
+    daemon.stop().await;
+    // What is left for the disabled one is marked dead, not dropped.
+    let daemon = Daemon::start(t.config());
+    eventually(
+        &db,
+        "SELECT bool_and(state <> 'pending') FROM thorn.delivery",
+    )
+    .await;
+    daemon.stop().await;
+    drop(rx);
+}
+
+#[tokio::test]
+async fn a_hanging_subscriber_does_not_hold_up_the_others() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut stuck = Receiver::start().await;
+    stuck.otherwise(Reply {
+        status: 200,
+        delay: Duration::from_secs(30),
+        ..Reply::default()
+    });
+    let mut fast = Receiver::start().await;
+    subscribe(&db, "item.*", &stuck.url("/"), None, "secret").await;
+    for i in 0..9 {
+        subscribe(&db, "item.*", &fast.url(&format!("/{i}")), None, "secret").await;
+    }
+    let mut config = t.config();
+    config.delivery.timeout = Duration::from_secs(2);
+    config.delivery.lease = Duration::from_secs(10);
+    config.delivery.concurrency = 16;
+    config.delivery.per_subscriber_concurrency = 4;
+    let daemon = Daemon::start(config);
+    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 40)")
+        .await
+        .expect("insert");
+    // The stuck subscriber needs 40 × 2 s / 4 = 20 s at least; the other
+    // 360 deliveries must not wait for it.
+    let started = Instant::now();
+    fast.expect(360, WAIT, QUIET).await;
+    let fast_done = started.elapsed();
+    let mut stuck_requests = 0;
+    while stuck.next(Duration::ZERO).await.is_some() {
+        stuck_requests += 1;
+    }
+    assert!(
+        stuck_requests <= 4 * (1 + fast_done.as_secs() as usize),
+        "{stuck_requests} requests to the stuck subscriber in {fast_done:?}"
+    );
+    assert!(stuck.max_in_flight() <= 4, "per-subscriber limit exceeded");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn ordered_subscribers_get_one_at_a_time_in_event_order() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    // Item 1 dies after its three tries (the test schedule has two
+    // retries); item 3 needs one retry; everything is a little slow.
+    let slow = |status| Reply {
+        status,
+        delay: Duration::from_millis(20),
+        ..Reply::default()
+    };
+    for status in [500, 500, 500, 200, 500] {
+        rx.reply(slow(status));
+    }
+    rx.otherwise(slow(200));
+    db.execute(
+        "INSERT INTO thorn.subscriber (event, url, hmac_secret, ordered) VALUES ('item.*', $1, 'secret', true)",
+        &[&rx.url("/")],
+    )
+    .await
+    .expect("subscriber");
+    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 8)")
+        .await
+        .expect("insert");
+    let mut config = t.config();
+    config.delivery.concurrency = 16;
+    let daemon = Daemon::start(config);
+    let got = rx.expect(11, WAIT, QUIET).await;
+    let order: Vec<i64> = got.iter().map(item).collect();
+    // The dead first delivery stops blocking the queue once it is dead.
+    assert_eq!(order, [1, 1, 1, 2, 3, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rx.max_in_flight(), 1);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn retention_prunes_old_rows_and_keeps_pending_ones() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let rx = Receiver::start().await;
+    rx.respond_with(&[500, 500, 500]);
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO item (n) VALUES (1)")
+        .await
+        .expect("insert");
+    eventually(
+        &db,
+        "SELECT count(*) = 1 FROM thorn.delivery WHERE state = 'dead'",
+    )
+    .await;
+    db.batch_execute("INSERT INTO item (n) VALUES (2), (3)")
+        .await
+        .expect("insert");
+    eventually(
+        &db,
+        "SELECT count(*) FILTER (WHERE state = 'delivered') = 2
+            AND count(*) FILTER (WHERE state = 'dead') = 1 FROM thorn.delivery",
+    )
+    .await;
+    daemon.stop().await;
+    // One more event, dispatched but not yet sent: it must survive.
+    db.batch_execute(
+        "INSERT INTO item (n) VALUES (4);
+         INSERT INTO thorn.delivery (id, event_id, subscriber_id, next_attempt_at)
+         SELECT gen_random_uuid(), max(e.id), (SELECT id FROM thorn.subscriber), now() + interval '1 hour'
+         FROM thorn.event e;
+         UPDATE thorn.event SET dispatched_at = now() WHERE dispatched_at IS NULL;",
+    )
+    .await
+    .expect("pending delivery");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let mut settings = t.config().retention;
+    settings.delivered = Duration::from_millis(10);
+    settings.dead = Duration::from_secs(3600);
+    let pruned = thorn::retention::prune(&db, &settings)
+        .await
+        .expect("prune");
+    assert_eq!((pruned.delivered, pruned.dead, pruned.events), (2, 0, 2));
+    settings.dead = Duration::from_millis(10);
+    let pruned = thorn::retention::prune(&db, &settings)
+        .await
+        .expect("prune");
+    assert_eq!((pruned.delivered, pruned.dead, pruned.events), (0, 1, 1));
+    let left: (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM thorn.event), (SELECT count(*) FROM thorn.delivery WHERE state = 'pending')",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("counts");
+    assert_eq!(left, (1, 1), "the pending delivery and its event stay");
+}
+
+/// Runs a one-shot `thorn` command against `t`; returns its stdout.
+async fn thorn(t: &TestDb, args: &[&str]) -> String {
+    let dir = std::env::temp_dir().join(format!("thorn-cmd-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("thorn.toml");
+    std::fs::write(&file, process_config(t, "")).expect("config");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_thorn"))
+        .arg("--config")
+        .arg(&file)
+        .args(args)
+        .env_remove("THORN_DATABASE_URL")
+        .output()
+        .await
+        .expect("run thorn");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "thorn {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[tokio::test]
+async fn status_retry_and_replay_commands() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.respond_with(&[500, 500, 500]);
+    let sub = subscribe(
+        &db,
+        "item.*",
+        &rx.url("/hook?token=hunter2"),
+        None,
+        "s3cret-value",
+    )
+    .await;
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO item (n) VALUES (1)")
+        .await
+        .expect("insert");
+    rx.expect(3, WAIT, QUIET).await; // one try, two retries: dead
+    eventually(
+        &db,
+        "SELECT count(*) = 1 FROM thorn.delivery WHERE state = 'dead'",
+    )
+    .await;
+
+    let status: serde_json::Value =
+        serde_json::from_str(&thorn(&t, &["status", "--json"]).await).expect("status JSON");
+    assert_eq!(status["deliveries"]["dead"], 1);
+    assert_eq!(status["deliveries"]["delivered"], 0);
+    assert_eq!(status["pending_events"], 0);
+    assert_eq!(status["failing_subscribers"][0]["id"], sub.to_string());
+    let text = thorn(&t, &["status"]).await;
+    assert!(text.contains("1 dead"), "{text}");
+    for shown in [status.to_string(), text] {
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+    // A success ends the failing streak.
+    db.batch_execute("INSERT INTO item (n) VALUES (2)")
+        .await
+        .expect("insert");
+    rx.expect(1, WAIT, QUIET).await;
+    eventually(&db, "SELECT failing_since IS NULL FROM thorn.subscriber").await;
+
+    let retried = thorn(&t, &["retry", "--subscriber", &sub.to_string()]).await;
+    assert!(retried.contains("re-queued 1"), "{retried}");
+    let again = rx.expect(1, WAIT, QUIET).await.remove(0);
+    assert_eq!(item(&again), 1);
+    eventually(
+        &db,
+        "SELECT bool_and(state = 'delivered') FROM thorn.delivery",
+    )
+    .await;
+
+    let first_event: i64 = db
+        .query_one("SELECT min(id) FROM thorn.event", &[])
+        .await
+        .expect("event")
+        .get(0);
+    let replayed: serde_json::Value = serde_json::from_str(
+        &thorn(
+            &t,
+            &[
+                "replay",
+                "--subscriber",
+                &sub.to_string(),
+                "--event",
+                &first_event.to_string(),
+                "--json",
+            ],
+        )
+        .await,
+    )
+    .expect("replay JSON");
+    assert_eq!(replayed["deliveries"].as_array().map(Vec::len), Some(1));
+    let replay = rx.expect(1, WAIT, QUIET).await.remove(0);
+    assert_eq!(item(&replay), 1);
+    assert_eq!(replay.header("hook-delivery"), replayed["deliveries"][0]);
+    daemon.stop().await;
+}
