@@ -106,9 +106,10 @@ pub struct Delivery {
     /// Deliveries claimed per query.
     pub batch_size: u32,
     /// How long a claimed delivery stays invisible to other daemons; if the
-    /// claimer dies, the delivery is sent again after this.
-    #[serde(with = "humantime_serde")]
-    pub lease: Duration,
+    /// claimer dies, the delivery is sent again after this. Unset: the
+    /// larger of 30 s and four times `timeout` (see [`Delivery::lease`]).
+    #[serde(with = "humantime_serde::option", rename = "lease")]
+    pub lease_setting: Option<Duration>,
     /// Largest `Retry-After` honoured.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
@@ -204,12 +205,21 @@ impl Default for Delivery {
             concurrency: 256,
             per_subscriber_concurrency: 32,
             batch_size: 256,
-            lease: Duration::from_secs(30),
+            lease_setting: None,
             max_retry_after: Duration::from_secs(3600),
             max_response_bytes: 4096,
             shutdown_grace: Duration::from_secs(10),
             disable_after: Duration::from_secs(5 * 86_400),
         }
+    }
+}
+
+impl Delivery {
+    /// The lease of a claimed delivery: as configured, or the larger of
+    /// 30 s and four times the request timeout.
+    pub fn lease(&self) -> Duration {
+        self.lease_setting
+            .unwrap_or_else(|| (self.timeout * 4).max(Duration::from_secs(30)))
     }
 }
 
@@ -303,7 +313,7 @@ impl Config {
         if d.connect_timeout.is_zero() {
             bad("delivery.connect_timeout", "must be more than 0s".into());
         }
-        if d.lease < d.timeout * 2 {
+        if d.lease() < d.timeout * 2 {
             bad(
                 "delivery.lease",
                 format!(
@@ -437,7 +447,10 @@ mod tests {
         };
         assert!(bad("[security]\nallow_networks = [\"nope\"]").contains("security.allow_networks"));
         assert!(bad("[delivery]\ntimeout = \"soon\"").contains("timeout"));
-        assert!(bad("[delivery]\ntimeout = \"20s\"").contains("delivery.lease"));
+        assert!(bad("[delivery]\ntimeout = \"20s\"\nlease = \"30s\"").contains("delivery.lease"));
+        let slow =
+            Config::load(Some("[delivery]\ntimeout = \"20s\""), &HashMap::new()).expect("valid");
+        assert_eq!(slow.delivery.lease(), Duration::from_secs(80));
         assert!(bad("unknown_key = 1").contains("unknown_key"));
         assert!(bad("[delivery]\ntimeuot = \"1s\"").contains("timeuot"));
     }

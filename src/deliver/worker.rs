@@ -172,7 +172,7 @@ impl Worker {
             let wanted = permits.len();
             let excluded = in_flight.saturated(limit);
             let claimed = statements
-                .claim_deliveries(client, wanted as i64, self.settings.lease, &excluded)
+                .claim_deliveries(client, wanted as i64, self.settings.lease(), &excluded)
                 .await?;
             let got = claimed.len();
             let mut over_limit = Vec::new();

@@ -184,7 +184,7 @@ async fn a_hanging_subscriber_does_not_hold_up_the_others() {
     }
     let mut config = t.config();
     config.delivery.timeout = Duration::from_secs(2);
-    config.delivery.lease = Duration::from_secs(10);
+    config.delivery.lease_setting = Some(Duration::from_secs(10));
     config.delivery.concurrency = 16;
     config.delivery.per_subscriber_concurrency = 4;
     let daemon = Daemon::start(config);
