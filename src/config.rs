@@ -24,6 +24,14 @@ pub enum ConfigError {
     Parse(#[from] config::ConfigError),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
+    /// Several problems (`validate` reports all it finds).
+    #[error("{}", list(.0))]
+    Many(Vec<ConfigError>),
+}
+
+fn list(problems: &[ConfigError]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("; ")
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -254,6 +262,17 @@ impl Config {
         file_text: Option<&str>,
         env: &HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = Config::layered(file_text, env)?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The file and the `THORN_*` variables merged, not yet deserialized
+    /// (`ops::check` walks it to find every problem).
+    pub(crate) fn layered(
+        file_text: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<config::Config, config::ConfigError> {
         let vars: config::Map<String, String> = env
             .iter()
             .filter(|(k, _)| k.starts_with("THORN_") && !NOT_KEYS.contains(&k.as_str()))
@@ -273,71 +292,82 @@ impl Config {
             .with_list_parse_key("security.extra_ca_files")
             .try_parsing(true)
             .source(Some(vars));
-        let mut cfg: Config = builder.add_source(environment).build()?.try_deserialize()?;
-        cfg.validate()?;
-        Ok(cfg)
+        builder.add_source(environment).build()
     }
 
-    fn validate(&mut self) -> Result<(), ConfigError> {
+    /// Fills the derived values and reports every problem found (one
+    /// `Invalid`, or `Many`).
+    pub(crate) fn validate(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &'static str, message: String| problems.push(invalid(key, message));
         if self.database_url.0.trim().is_empty() {
-            return Err(invalid("database_url", "must not be empty"));
+            bad("database_url", "must not be empty".into());
         }
-        self.security.allowed = self
+        let networks: Vec<Result<IpNet, String>> = self
             .security
             .allow_networks
             .iter()
             .map(|s| parse_network(s))
-            .collect::<Result<_, _>>()
-            .map_err(|m| invalid("security.allow_networks", m))?;
+            .collect();
+        for message in networks.iter().filter_map(|n| n.as_ref().err()) {
+            bad("security.allow_networks", message.clone());
+        }
+        self.security.allowed = networks.into_iter().filter_map(Result::ok).collect();
         self.security.extra_roots = Vec::new();
         for path in &self.security.extra_ca_files {
-            let roots = read_ca_file(path).map_err(|m| invalid("security.extra_ca_files", m))?;
-            self.security.extra_roots.extend(roots);
+            match read_ca_file(path) {
+                Ok(roots) => self.security.extra_roots.extend(roots),
+                Err(message) => bad("security.extra_ca_files", message),
+            }
         }
         let d = &self.delivery;
         if d.timeout.is_zero() {
-            return Err(invalid("delivery.timeout", "must be more than 0s"));
+            bad("delivery.timeout", "must be more than 0s".into());
         }
         if d.connect_timeout.is_zero() {
-            return Err(invalid("delivery.connect_timeout", "must be more than 0s"));
+            bad("delivery.connect_timeout", "must be more than 0s".into());
         }
         if d.lease() < d.timeout * 2 {
-            return Err(invalid(
+            bad(
                 "delivery.lease",
                 format!(
                     "must be at least twice delivery.timeout ({}), or a slow request could be sent twice",
                     humantime::format_duration(d.timeout)
                 ),
-            ));
+            );
         }
         if d.concurrency == 0 {
-            return Err(invalid("delivery.concurrency", "must be at least 1"));
+            bad("delivery.concurrency", "must be at least 1".into());
         }
         if d.per_subscriber_concurrency == 0 {
-            return Err(invalid(
+            bad(
                 "delivery.per_subscriber_concurrency",
-                "must be at least 1",
-            ));
+                "must be at least 1".into(),
+            );
         }
         if d.batch_size == 0 {
-            return Err(invalid("delivery.batch_size", "must be at least 1"));
+            bad("delivery.batch_size", "must be at least 1".into());
         }
         if self.dispatch.batch_size == 0 {
-            return Err(invalid("dispatch.batch_size", "must be at least 1"));
+            bad("dispatch.batch_size", "must be at least 1".into());
         }
         if self.dispatch.poll_interval.is_zero() {
-            return Err(invalid("dispatch.poll_interval", "must be more than 0s"));
+            bad("dispatch.poll_interval", "must be more than 0s".into());
         }
         if self.retention.interval.is_zero() {
-            return Err(invalid("retention.interval", "must be more than 0s"));
+            bad("retention.interval", "must be more than 0s".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
+            bad(
                 "log.level",
                 format!("{:?} is not a tracing filter", self.log.level),
-            ));
+            );
         }
-        Ok(())
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Many(problems)),
+        }
     }
 }
 

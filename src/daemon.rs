@@ -21,6 +21,7 @@ use crate::db::{self, listen, migrate};
 use crate::deliver::worker::{InFlight, Worker};
 use crate::deliver::{client, complete};
 use crate::dispatch::Dispatcher;
+use crate::ops::Ops;
 use crate::retention;
 
 /// Connects (waiting for the database if needed) and applies migrations.
@@ -44,15 +45,26 @@ pub async fn prepare_database(
 
 /// Runs the daemon until `shutdown` fires, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(config, shutdown, Ops::default()).await
+}
+
+/// [`run`], with systemd notifications, the health and metrics endpoint and
+/// reloads as `ops` asks.
+pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> anyhow::Result<()> {
+    let listening = Arc::new(AtomicBool::new(false));
+    let ops = ops.start(&config, listening.clone()).await?;
+    ops.status("connecting to the database and applying migrations");
     if !prepare_database(&config, &shutdown).await? {
+        ops.stopping("stopped before the database was reached");
+        ops.finish().await;
         return Ok(());
     }
+    ops.status("starting the tasks");
     let url = config.database_url.0.clone();
     let http = client::Client::new(&config).context("building the HTTP client")?;
 
     let wake = Arc::new(Notify::new());
     let ready = Arc::new(Notify::new());
-    let listening = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel(4 * config.delivery.concurrency);
     let requests = TaskTracker::new();
     let in_flight = Arc::new(InFlight::default());
@@ -60,48 +72,63 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
 
-    let pruner = tokio::spawn(retention::run(
-        url.clone(),
-        config.retention.clone(),
-        stop.clone(),
+    let pruner = tokio::spawn(ops.watch(
+        "pruner",
+        retention::run(url.clone(), config.retention.clone(), stop.clone()),
     ));
-    let listener = tokio::spawn(listen::run(
-        url.clone(),
-        vec![wake.clone(), ready.clone()],
-        listening.clone(),
-        stop.clone(),
+    let listener = tokio::spawn(ops.watch(
+        "listener",
+        listen::run(
+            url.clone(),
+            vec![wake.clone(), ready.clone()],
+            listening.clone(),
+            stop.clone(),
+        ),
     ));
     let dispatcher = tokio::spawn(
-        Dispatcher {
-            url: url.clone(),
-            settings: config.dispatch.clone(),
-            wake,
-            deliveries_ready: ready.clone(),
-        }
-        .run(stop.clone()),
+        ops.watch(
+            "dispatcher",
+            Dispatcher {
+                url: url.clone(),
+                settings: config.dispatch.clone(),
+                wake,
+                deliveries_ready: ready.clone(),
+                probe: ops.probe("dispatcher"),
+            }
+            .run(stop.clone()),
+        ),
     );
-    let completer = tokio::spawn(complete::run(
-        url.clone(),
-        done_rx,
-        ready.clone(),
-        config.delivery.disable_after,
+    let completer = tokio::spawn(ops.watch(
+        "completer",
+        complete::run(
+            url.clone(),
+            done_rx,
+            ready.clone(),
+            config.delivery.disable_after,
+        ),
     ));
     let sender = tokio::spawn(
-        Worker {
-            url,
-            settings: config.delivery.clone(),
-            client: http,
-            ready,
-            done: done_tx,
-            tracker: requests.clone(),
-            in_flight: in_flight.clone(),
-            abort: abort.clone(),
-        }
-        .run(stop.clone()),
+        ops.watch(
+            "sender",
+            Worker {
+                url,
+                settings: config.delivery.clone(),
+                client: http,
+                ready,
+                done: done_tx,
+                tracker: requests.clone(),
+                in_flight: in_flight.clone(),
+                abort: abort.clone(),
+                probe: ops.probe("sender"),
+            }
+            .run(stop.clone()),
+        ),
     );
     tracing::info!("thorn is running");
+    ops.ready_when_listening(&stop).await;
 
     stop.cancelled().await;
+    ops.stopping("stopping: draining requests in flight");
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
     let _ = tokio::join!(listener, dispatcher, sender, pruner);
     requests.close();
@@ -118,6 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // theirs: the completer writes what is left and returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
     tracing::info!("stopped");
+    ops.finish().await;
     Ok(())
 }
 

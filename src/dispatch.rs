@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::config::Dispatch as Settings;
 use crate::db::{self, queue};
 use crate::matcher::Matcher;
+use crate::ops::Probe;
 
 /// Deliveries written by one dispatch transaction, at most (about: one
 /// event's fan-out is never split).
@@ -36,6 +37,8 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     /// Woken here when new deliveries exist.
     pub deliveries_ready: Arc<Notify>,
+    /// Heartbeat and counters for operations.
+    pub probe: Probe,
 }
 
 impl Dispatcher {
@@ -66,6 +69,7 @@ impl Dispatcher {
         let mut matcher = Matcher::default();
         let mut last_work = Instant::now();
         loop {
+            self.probe.beat();
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -150,6 +154,7 @@ impl Dispatcher {
         }
         statements.mark_dispatched(&tx, &dispatched).await?;
         tx.commit().await?;
+        self.probe.metrics().dispatched(dispatched.len(), ids.len());
         tracing::debug!(
             events = dispatched.len(),
             deliveries = ids.len(),

@@ -15,6 +15,7 @@ pub mod deliver;
 pub mod dispatch;
 pub mod matcher;
 pub mod operator;
+pub mod ops;
 pub mod payload;
 pub mod receive;
 pub mod retention;

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use thorn::config::{self, Config, LogFormat};
+use thorn::config::{self, Config};
 use thorn::sign::{self, Digest};
 
 /// Signed webhooks from PostgreSQL row changes.
@@ -33,7 +33,12 @@ enum Command {
     /// Run the delivery daemon
     Run,
     /// Check the config file and environment, print every problem
-    CheckConfig,
+    CheckConfig {
+        /// Also connect to the database: `warn` reports an unreachable one,
+        /// `require` fails (exit 69) on it
+        #[arg(long, value_enum, default_value_t = DatabaseCheck::Skip)]
+        database: DatabaseCheck,
+    },
     /// Show pending work, failures and deactivated subscribers
     Status {
         #[arg(long)]
@@ -101,8 +106,18 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DatabaseCheck {
+    Skip,
+    Warn,
+    Require,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CheckConfig { database } = cli.command {
+        return check_config(cli.config.as_deref(), database);
+    }
     let config = match load_config(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
@@ -110,11 +125,8 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    if let Command::CheckConfig = cli.command {
-        println!("config ok");
-        return ExitCode::SUCCESS;
-    }
-    init_tracing(&config.log);
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let logging = thorn::ops::logging::Logging::init(&config.log, rust_log.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -125,7 +137,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, config)) {
+    match runtime.block_on(run(cli.command, config, logging, cli.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("thorn: {error:#}");
@@ -136,31 +148,83 @@ fn main() -> ExitCode {
 
 /// Reads the named file (or the default one if present) and the environment.
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    let default = std::path::Path::new(config::DEFAULT_PATH);
-    let text = match path {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
-        None if default.exists() => Some(
-            std::fs::read_to_string(default)
-                .with_context(|| format!("reading {}", default.display()))?,
-        ),
-        None => None,
-    };
+    let text = read_config_text(path)?;
     let env: HashMap<String, String> = std::env::vars().collect();
     Ok(Config::load(text.as_deref(), &env)?)
 }
 
-fn init_tracing(log: &config::Log) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Plain => builder.init(),
+/// The named file's text, or the default file's if it exists, or none.
+fn read_config_text(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let default = std::path::Path::new(config::DEFAULT_PATH);
+    match path {
+        Some(p) => Ok(Some(
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None if default.exists() => Ok(Some(
+            std::fs::read_to_string(default)
+                .with_context(|| format!("reading {}", default.display()))?,
+        )),
+        None => Ok(None),
     }
+}
+
+/// `thorn check-config`: every problem on standard error, exit 64 if any.
+fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> ExitCode {
+    let text = match read_config_text(path) {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!("thorn: bad config: {error:#}");
+            return ExitCode::from(64);
+        }
+    };
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match thorn::ops::check::check(text.as_deref(), &env) {
+        Ok(config) => config,
+        Err(problems) => {
+            for problem in &problems {
+                eprintln!("thorn: bad config: {problem}");
+            }
+            eprintln!("thorn: {} problem(s) in the config", problems.len());
+            return ExitCode::from(64);
+        }
+    };
+    if database != DatabaseCheck::Skip {
+        use thorn::ops::check::Reachable;
+        let reached = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| {
+                rt.block_on(thorn::ops::check::database(
+                    &config,
+                    std::time::Duration::from_secs(10),
+                ))
+            });
+        match reached {
+            Ok(Reachable::Yes { schema, latest }) if schema >= latest => {
+                println!("database reachable; schema current (version {schema})");
+            }
+            Ok(Reachable::Yes { schema, latest }) => println!(
+                "database reachable; schema at version {schema} of {latest}: `thorn migrate` (or `thorn run`) upgrades it"
+            ),
+            Ok(Reachable::No(error)) => {
+                let level = if database == DatabaseCheck::Require {
+                    "error"
+                } else {
+                    "warning"
+                };
+                eprintln!("thorn: {level}: database_url: cannot reach the database: {error}");
+                if database == DatabaseCheck::Require {
+                    return ExitCode::from(69);
+                }
+            }
+            Err(error) => {
+                eprintln!("thorn: cannot start the runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("config ok");
+    ExitCode::SUCCESS
 }
 
 /// A token cancelled by SIGTERM or SIGINT.
@@ -186,7 +250,12 @@ async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
         .context("connecting to the database")
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(
+    command: Command,
+    config: Config,
+    logging: thorn::ops::logging::Logging,
+    path: Option<PathBuf>,
+) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
             let mut client = connect(&config).await?;
@@ -201,7 +270,22 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run => thorn::daemon::run(config, shutdown_on_signals()?).await,
+        Command::Run => {
+            let reloads = thorn::ops::reload::on_sighup(move || {
+                let text = read_config_text(path.as_deref()).map_err(|e| vec![format!("{e:#}")])?;
+                let env: HashMap<String, String> = std::env::vars().collect();
+                thorn::ops::check::check(text.as_deref(), &env)
+                    .map_err(|problems| problems.iter().map(ToString::to_string).collect())
+            })?;
+            let ops = thorn::ops::Ops {
+                notifier: thorn::ops::Notifier::from_env(),
+                metrics_listener: None,
+                reloads: Some(reloads),
+                logging: Some(logging),
+                monitor_interval: None,
+            };
+            thorn::daemon::run_with(config, shutdown_on_signals()?, ops).await
+        }
         Command::Status { json } => {
             let db = connect(&config).await?;
             let status = thorn::operator::status::collect(&db).await?;
@@ -264,7 +348,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::CheckConfig => Ok(()),
+        Command::CheckConfig { .. } => Ok(()),
         Command::Receive {
             listen,
             secret,

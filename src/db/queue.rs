@@ -4,7 +4,7 @@
 //! Statements are prepared once per connection ([`Statements`]); every hot
 //! query works on a batch of rows through arrays (`unnest`, `ANY`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
@@ -37,6 +37,9 @@ pub struct Claimed {
     pub digest: String,
     pub content_type: String,
     pub active: bool,
+    /// Age of the event (since its transaction's `now()`) at the claim.
+    pub event_age: Duration,
+    pub claimed_at: Instant,
 }
 
 /// How an attempt ended, as stored on the delivery row.
@@ -90,7 +93,8 @@ const CLAIM_DELIVERIES: &str = "
         RETURNING d.id, d.attempts, d.event_id, d.subscriber_id
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
-           s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active
+           s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
+           extract(epoch FROM now() - e.created_at)::float8
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id";
@@ -199,6 +203,9 @@ impl Statements {
                     digest: r.try_get(10)?,
                     content_type: r.try_get(11)?,
                     active: r.try_get(12)?,
+                    event_age: Duration::try_from_secs_f64(r.try_get::<_, f64>(13)?.max(0.0))
+                        .unwrap_or_default(),
+                    claimed_at: Instant::now(),
                 })
             })
             .collect()

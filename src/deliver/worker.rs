@@ -21,6 +21,7 @@ use super::complete::Done;
 use super::retry;
 use crate::config::Delivery as Settings;
 use crate::db::{self, queue};
+use crate::ops::Probe;
 
 /// Longest wait for more free slots before a claim under load.
 const GATHER: Duration = Duration::from_millis(2);
@@ -104,6 +105,8 @@ pub struct Worker {
     pub in_flight: Arc<InFlight>,
     /// Cuts off requests still running when the shutdown grace ends.
     pub abort: CancellationToken,
+    /// Heartbeat and counters for operations.
+    pub probe: Probe,
 }
 
 impl Worker {
@@ -139,6 +142,7 @@ impl Worker {
         let limit = self.settings.per_subscriber_concurrency;
         let gather = batch.min(self.settings.concurrency) / 4;
         loop {
+            self.probe.beat();
             let first = tokio::select! {
                 permit = slots.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -221,6 +225,7 @@ impl Worker {
         let ready = self.ready.clone();
         let settings = self.settings.clone();
         let abort = self.abort.clone();
+        let probe = self.probe.clone();
         self.tracker.spawn(async move {
             let attempt = tokio::select! {
                 attempt = client.attempt(&delivery) => attempt,
@@ -228,6 +233,11 @@ impl Worker {
                 _ = abort.cancelled() => return,
             };
             let record = outcome(&delivery, &attempt, &settings);
+            let c = &record.completion;
+            let age = delivery.event_age + delivery.claimed_at.elapsed();
+            probe
+                .metrics()
+                .attempt(c.state, c.error_class, attempt.duration, Some(age));
             in_flight.leave(delivery.id, delivery.subscriber_id);
             drop(permit);
             // A freed slot may be what the claimer waits for.

@@ -4,6 +4,7 @@
 mod capture;
 mod delivery;
 mod hostile;
+mod ops;
 mod policy;
 mod process;
 mod resilience;

@@ -552,3 +552,64 @@ impl Drop for RawServer {
         self.shutdown.cancel();
     }
 }
+
+impl TestDb {
+    /// A database created for one test but not migrated (dropped afterwards).
+    pub async fn empty() -> TestDb {
+        let name = format!("thorn_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&base_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the test database");
+        TestDb {
+            url: with_database(&base_url(), &name),
+            name,
+        }
+    }
+}
+
+impl Daemon {
+    /// The daemon with operations (endpoint, notifications, reloads).
+    pub fn start_with(config: Config, ops: thorn::ops::Ops) -> Daemon {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(thorn::daemon::run_with(config, shutdown.clone(), ops));
+        Daemon {
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+}
+
+/// A port that was free a moment ago (for configs that must name one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// GETs `http://addr/path`; returns the status and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// The value of one sample (`name` or `name{labels}`) in Prometheus or
+/// OpenMetrics text; 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("a number")
+        })
+}

@@ -1,0 +1,185 @@
+//! Reloading on SIGHUP (`systemctl reload thorn`): the file and environment
+//! are read and checked again; a bad config is refused as a whole (every
+//! problem is logged) and the daemon keeps the one it runs with.
+//!
+//! Applied at run time: `log.level` (unless `RUST_LOG` is set) and
+//! `metrics.listen` (the endpoint moves; if the new address cannot be bound
+//! the old endpoint stays). Any other changed key is named in a warning and
+//! takes effect at the next restart: the connection string, the HTTP client
+//! and the delivery policy are built once, at start.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::http::Endpoint;
+use super::logging::Logging;
+use super::{Notifier, State};
+use crate::config::Config;
+
+/// A re-read config, or every problem found in it.
+pub type Reload = Result<Config, Vec<String>>;
+
+/// The keys applied without a restart.
+pub const RELOADABLE: &[&str] = &["log.level", "metrics.listen"];
+
+/// Calls `load` on every SIGHUP and sends its result.
+pub fn on_sighup<F>(load: F) -> std::io::Result<mpsc::Receiver<Reload>>
+where
+    F: Fn() -> Reload + Send + 'static,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            if tx.send(load()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+pub struct Reloader {
+    pub current: Config,
+    pub state: Arc<State>,
+    pub notifier: Notifier,
+    pub logging: Option<Logging>,
+    pub endpoint: Endpoint,
+}
+
+impl Reloader {
+    pub async fn run(mut self, mut reloads: mpsc::Receiver<Reload>, finished: CancellationToken) {
+        loop {
+            tokio::select! {
+                got = reloads.recv() => match got {
+                    Some(reload) => self.apply(reload).await,
+                    None => return,
+                },
+                _ = finished.cancelled() => return,
+            }
+        }
+    }
+
+    async fn apply(&mut self, reload: Reload) {
+        self.notifier.reloading();
+        let status = match reload {
+            Err(problems) => {
+                for problem in &problems {
+                    tracing::error!(%problem, "reload refused: bad config");
+                }
+                self.state.metrics.reloaded(false);
+                format!(
+                    "reload refused ({} problems, see the log); running with the previous config",
+                    problems.len()
+                )
+            }
+            Ok(new) => {
+                let (applied, ok) = self.apply_config(new).await;
+                self.state.metrics.reloaded(ok);
+                if applied.is_empty() {
+                    "reloaded: nothing to change at run time".to_string()
+                } else {
+                    format!("reloaded: {}", applied.join(", "))
+                }
+            }
+        };
+        if self.state.ready.load(Ordering::SeqCst) && !self.state.stopping.load(Ordering::SeqCst) {
+            self.notifier.ready(&status);
+        } else {
+            self.notifier.status(&status);
+        }
+    }
+
+    /// Applies what can change; returns the keys applied and whether all
+    /// of the wanted changes worked.
+    async fn apply_config(&mut self, new: Config) -> (Vec<&'static str>, bool) {
+        let mut applied = Vec::new();
+        let mut ok = true;
+        if new.log.level != self.current.log.level {
+            match self.logging.as_ref().map(|l| l.set_level(&new.log.level)) {
+                Some(Ok(true)) => {
+                    applied.push("log.level");
+                    self.current.log.level = new.log.level.clone();
+                }
+                Some(Ok(false)) => {
+                    tracing::warn!("log.level changed, but RUST_LOG is set and wins");
+                }
+                Some(Err(error)) => {
+                    ok = false;
+                    tracing::error!(%error, "log.level: cannot apply");
+                }
+                None => {}
+            }
+        }
+        if new.metrics.listen != self.current.metrics.listen {
+            match self.endpoint.rebind(new.metrics.listen).await {
+                Ok(()) => {
+                    applied.push("metrics.listen");
+                    self.current.metrics.listen = new.metrics.listen;
+                }
+                Err(error) => {
+                    ok = false;
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "metrics.listen: keeping the old endpoint"
+                    );
+                }
+            }
+        }
+        let later = needs_restart(&self.current, &new);
+        if !later.is_empty() {
+            tracing::warn!(keys = ?later, "changed, but only applied by a restart");
+        }
+        tracing::info!(applied = ?applied, "config reloaded");
+        (applied, ok)
+    }
+}
+
+/// The sections (or keys) that differ and cannot change at run time.
+pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    if old.database_url.0 != new.database_url.0 {
+        keys.push("database_url");
+    }
+    if old.log.format != new.log.format {
+        keys.push("log.format");
+    }
+    if differs(&old.dispatch, &new.dispatch) {
+        keys.push("dispatch");
+    }
+    if differs(&old.delivery, &new.delivery) {
+        keys.push("delivery");
+    }
+    if differs(&old.security, &new.security) {
+        keys.push("security");
+    }
+    if differs(&old.retention, &new.retention) {
+        keys.push("retention");
+    }
+    if differs(&old.api, &new.api) {
+        keys.push("api");
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn names_what_needs_a_restart() {
+        let load = |t: &str| Config::load(Some(t), &HashMap::new()).expect("valid");
+        let old = load("[log]\nlevel = \"info\"");
+        let new = load("[log]\nlevel = \"debug\"\n[delivery]\ntimeout = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:1\"");
+        assert_eq!(needs_restart(&old, &new), vec!["delivery"]);
+        assert!(needs_restart(&old, &old).is_empty());
+    }
+}
