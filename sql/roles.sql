@@ -23,7 +23,7 @@ GRANT SELECT, UPDATE, DELETE ON thorn.event TO :"daemon";
 GRANT SELECT, INSERT, UPDATE, DELETE ON thorn.delivery TO :"daemon";
 -- Subscribers: read, and switch off (the only columns it may change).
 GRANT SELECT ON thorn.subscriber TO :"daemon";
-GRANT UPDATE (active, deactivated_reason) ON thorn.subscriber TO :"daemon";
+GRANT UPDATE (active, deactivated_reason, failing_since) ON thorn.subscriber TO :"daemon";
 -- Changing a subscriber bumps the version that daemons cache against.
 GRANT SELECT, UPDATE ON thorn.subscriber_version TO :"daemon";
 -- Wake-up registration (DESIGN.md §4).

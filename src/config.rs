@@ -16,11 +16,19 @@ use serde::Deserialize;
 pub const DEFAULT_PATH: &str = "/etc/thorn/thorn.toml";
 
 /// Environment variables that are not config keys.
-const NOT_KEYS: &[&str] = &["THORN_CONFIG", "THORN_LOG"];
+const NOT_KEYS: &[&str] = &["THORN_CONFIG"];
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "delivery.retry_schedule",
+    "security.allow_networks",
+    "security.allowed_ports",
+    "security.extra_ca_files",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error(transparent)]
     Parse(#[from] config::ConfigError),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
@@ -273,26 +281,33 @@ impl Config {
         file_text: Option<&str>,
         env: &HashMap<String, String>,
     ) -> Result<config::Config, config::ConfigError> {
-        let vars: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("THORN_") && !NOT_KEYS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         let mut builder = config::Config::builder();
         if let Some(text) = file_text {
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
-        let environment = config::Environment::with_prefix("THORN")
-            .prefix_separator("_")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("delivery.retry_schedule")
-            .with_list_parse_key("security.allow_networks")
-            .with_list_parse_key("security.allowed_ports")
-            .with_list_parse_key("security.extra_ca_files")
-            .try_parsing(true)
-            .source(Some(vars));
-        builder.add_source(environment).build()
+        // THORN_A__B=v sets a.b. Values stay strings (serde converts them);
+        // list keys split on commas, so "443" is a list of one port and an
+        // empty value an empty list.
+        let mut vars: Vec<(&String, &String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("THORN_") && !NOT_KEYS.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let key = name["THORN_".len()..].to_lowercase().replace("__", ".");
+            builder = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                builder.set_override(key, items)?
+            } else {
+                builder.set_override(key, value.as_str())?
+            };
+        }
+        builder.build()
     }
 
     /// Fills the derived values and reports every problem found (one
@@ -450,6 +465,24 @@ mod tests {
             vec![Duration::from_secs(1), Duration::from_secs(2)]
         );
         assert_eq!(cfg.security.allowed.len(), 2);
+    }
+
+    #[test]
+    fn single_and_empty_lists_from_the_environment() {
+        let cfg = Config::load(
+            None,
+            &env(&[
+                ("THORN_SECURITY__ALLOWED_PORTS", "443"),
+                ("THORN_DELIVERY__RETRY_SCHEDULE", ""),
+                ("THORN_DELIVERY__CONCURRENCY", "8"),
+                ("THORN_SECURITY__HTTPS_ONLY", "true"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.security.allowed_ports, vec![443]);
+        assert!(cfg.delivery.retry_schedule.is_empty());
+        assert_eq!(cfg.delivery.concurrency, 8);
+        assert!(cfg.security.https_only);
     }
 
     #[test]

@@ -63,10 +63,24 @@ pub async fn run(
                     }
                 }
             }
-            if let Err(error) = write(&client, &statements, &batch, disable_after).await {
-                tracing::warn!(%error, pending = batch.len(), "cannot record outcomes; reconnecting");
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue 'connect;
+            let completions: Vec<queue::Completion> =
+                batch.iter().map(|d| d.completion.clone()).collect();
+            if let Err(error) = statements.complete(&client, &completions).await {
+                if lost(&client, &error) {
+                    tracing::warn!(%error, pending = batch.len(), "cannot record outcomes; reconnecting");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue 'connect;
+                }
+                // Refused, not lost: retrying the same rows would block every
+                // later outcome. The leases bring these deliveries back.
+                tracing::error!(%error, dropped = batch.len(), "the database refused delivery outcomes");
+            } else if let Err(error) = update_subscribers(&client, &batch, disable_after).await {
+                // The outcomes are written; only the bookkeeping is missing.
+                tracing::warn!(%error, "cannot update subscriber health");
+                if lost(&client, &error) {
+                    batch.clear();
+                    continue 'connect;
+                }
             }
             backoff.reset();
             if batch.iter().any(|d| d.completion.state == "pending") {
@@ -77,15 +91,19 @@ pub async fn run(
     }
 }
 
-async fn write(
+/// Whether the connection is gone (retry elsewhere) rather than the
+/// statement refused (retrying cannot help).
+fn lost(client: &tokio_postgres::Client, error: &tokio_postgres::Error) -> bool {
+    client.is_closed() || error.code().is_none()
+}
+
+/// Deactivates subscribers that answered 410 Gone or kept failing, and
+/// tracks how long each has been failing.
+async fn update_subscribers(
     client: &tokio_postgres::Client,
-    statements: &queue::Statements,
     batch: &[Done],
     disable_after: Duration,
 ) -> Result<(), tokio_postgres::Error> {
-    let completions: Vec<queue::Completion> = batch.iter().map(|d| d.completion.clone()).collect();
-    statements.complete(client, &completions).await?;
-
     let subscribers = |keep: &dyn Fn(&Done) -> bool| -> Vec<Uuid> {
         let set: BTreeSet<Uuid> = batch
             .iter()
