@@ -55,6 +55,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let requests = TaskTracker::new();
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
+    // Bound before any task starts, so a taken port fails the start cleanly.
+    let api = match config.api.listen {
+        Some(addr) => {
+            let state = crate::api::Api::from_config(&config).context("starting the API")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("api.listen: binding {addr}"))?;
+            tracing::info!(%addr, "subscriptions API listening");
+            Some(tokio::spawn(crate::api::serve(
+                listener,
+                state,
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let listener = tokio::spawn(listen::run(
         url.clone(),
@@ -88,6 +104,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     stop.cancelled().await;
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
     let _ = tokio::join!(listener, dispatcher, sender);
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     requests.close();
     if tokio::time::timeout(config.delivery.shutdown_grace, requests.wait())
         .await

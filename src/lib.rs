@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
@@ -17,3 +19,4 @@ pub mod matcher;
 pub mod payload;
 pub mod receive;
 pub mod sign;
+pub mod thorn_import;

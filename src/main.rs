@@ -45,6 +45,10 @@ enum Command {
         #[arg(long, default_value = "sha256")]
         digest: Digest,
     },
+    /// Manage subscribers in the database
+    Subscriber(thorn::cli::SubscriberArgs),
+    /// Import subscribers from Thorn's Django table (webhooks_subscriber)
+    ImportThorn(thorn::cli::ImportThornArgs),
     /// Print the signature headers a body would carry
     Sign {
         #[arg(long, env = "THORN_SIGN_SECRET", hide_env_values = true)]
@@ -168,6 +172,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         } => {
             let receiver = thorn::receive::Receiver { secret, digest };
             thorn::receive::serve(listen, receiver, shutdown_on_signals()?).await
+        }
+        Command::Subscriber(args) => {
+            thorn::cli::subscriber(&config, args, &mut std::io::stdout().lock()).await
+        }
+        Command::ImportThorn(args) => {
+            thorn::cli::import_thorn(&config, args, &mut std::io::stdout().lock()).await
         }
         Command::Sign {
             secret,

@@ -37,6 +37,8 @@ pub struct Claimed {
     pub digest: String,
     pub content_type: String,
     pub active: bool,
+    /// `sign` or `compat`: the Hook-HMAC scheme.
+    pub signer: String,
 }
 
 /// How an attempt ended, as stored on the delivery row.
@@ -90,7 +92,8 @@ const CLAIM_DELIVERIES: &str = "
         RETURNING d.id, d.attempts, d.event_id, d.subscriber_id
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
-           s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active
+           s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
+           s.hmac_signer
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id";
@@ -199,6 +202,7 @@ impl Statements {
                     digest: r.try_get(10)?,
                     content_type: r.try_get(11)?,
                     active: r.try_get(12)?,
+                    signer: r.try_get(13)?,
                 })
             })
             .collect()
