@@ -1,6 +1,7 @@
 //! Integration tests: a real PostgreSQL (a fresh database per test), a real
 //! HTTP receiver on 127.0.0.1, the daemon's real tasks.
 
+mod api;
 mod capture;
 mod delivery;
 mod support;
