@@ -3,5 +3,6 @@
 
 mod api;
 mod capture;
+mod consumers;
 mod delivery;
 mod support;
