@@ -112,6 +112,9 @@ async fn replay(
     request.send().await.expect("replay").status()
 }
 
+/// What is sent, which headers change, and the answer expected.
+type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, String)>, StatusCode);
+
 async fn check(s: Snippet) {
     if !available(s.probe).await {
         eprintln!(
@@ -213,7 +216,7 @@ async fn check(s: Snippet) {
     let mut tampered = body.clone();
     tampered.extend_from_slice(b" ");
     let digest: thorn::sign::Digest = s.digest.parse().expect("digest");
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, String)>, StatusCode)> = vec![
+    let cases: Vec<Case> = vec![
         ("as delivered", body.clone(), vec![], StatusCode::NO_CONTENT),
         (
             "re-signed now",
