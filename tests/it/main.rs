@@ -3,6 +3,8 @@
 
 mod api;
 mod capture;
+mod cli;
 mod consumers;
 mod delivery;
 mod support;
+mod thorn_import;

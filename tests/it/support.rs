@@ -404,3 +404,51 @@ pub async fn wait_for_port(port: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs the `thorn` binary against `database_url` (no config file); returns
+/// (exit code, stdout, stderr).
+pub async fn thorn_cli(database_url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_thorn"))
+        .args(args)
+        .env("THORN_CONFIG", "/dev/null")
+        .env("THORN_DATABASE_URL", database_url)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run thorn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Thorn's `compat_sign`, computed by Python's hashlib/hmac following
+/// itsdangerous' key derivation: independent of the implementation under
+/// test.
+pub fn python_compat_sign(digest: &str, secret: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    let script = r#"
+import base64, hashlib, hmac, sys
+digest, key, msg = sys.argv[1], sys.argv[2].encode(), base64.b64decode(sys.argv[3])
+h = getattr(hashlib, digest)
+derived = h(b"itsdangerous.Signer" + b"signer" + key).digest()
+print(base64.urlsafe_b64encode(hmac.new(derived, msg, h).digest()).rstrip(b"=").decode())
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            digest,
+            secret,
+            &base64::engine::general_purpose::STANDARD.encode(body),
+        ])
+        .output()
+        .expect("python3 is needed for the independent signature check");
+    assert!(out.status.success(), "python failed");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
