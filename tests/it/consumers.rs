@@ -342,3 +342,80 @@ async fn go_server_verifies_deliveries() {
     })
     .await;
 }
+
+/// `thorn receive` (the demo's receiver) accepts real deliveries, with either
+/// signer, and refuses a tampered one.
+#[tokio::test]
+async fn thorn_receive_verifies_real_deliveries() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE public.article (id serial PRIMARY KEY, title text);
+         SELECT thorn.webhook_model('public.article');",
+    )
+    .await
+    .expect("annotated table");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thorn"))
+        .args(["--config", "/dev/null", "receive", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "--secret",
+            "receive-secret",
+            "--digest",
+            "sha384",
+            "--signer",
+            "compat",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("thorn receive");
+    wait_listening(&mut child, port, Duration::from_secs(20), "thorn receive").await;
+    let url = format!("http://127.0.0.1:{port}/");
+    db.execute(
+        "INSERT INTO thorn.subscriber (event, url, hmac_secret, hmac_digest, hmac_signer)
+         VALUES ('article.*', $1, 'receive-secret', 'sha384', 'compat')",
+        &[&url],
+    )
+    .await
+    .expect("subscribe");
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO article (title) VALUES ('hi')")
+        .await
+        .expect("insert");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let code: Option<i32> = db
+            .query_opt("SELECT status_code FROM thorn.delivery", &[])
+            .await
+            .expect("delivery")
+            .and_then(|r| r.get(0));
+        if let Some(code) = code {
+            assert_eq!(code, 200);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer from thorn receive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let forged = reqwest::Client::new()
+        .post(&url)
+        .header("hook-hmac", "forged")
+        .body("{}")
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+    daemon.stop().await;
+    let _ = child.kill().await;
+    let mut printed = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        use tokio::io::AsyncReadExt;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), out.read_to_string(&mut printed)).await;
+    }
+    assert!(printed.contains("✔ article.created"), "{printed}");
+    assert!(printed.contains("✘"), "{printed}");
+}
