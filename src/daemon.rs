@@ -105,7 +105,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
     let _ = tokio::join!(listener, dispatcher, sender);
     if let Some(api) = api {
-        let _ = api.await;
+        if let Ok(Err(error)) = api.await {
+            tracing::error!(error = format!("{error:#}"), "the API server failed");
+        }
     }
     requests.close();
     if tokio::time::timeout(config.delivery.shutdown_grace, requests.wait())
