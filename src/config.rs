@@ -167,6 +167,54 @@ pub struct Listen {
     pub listen: Option<SocketAddr>,
 }
 
+/// A config value that never reaches a log (JWT secrets).
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// `[api]`: the subscriptions REST API (off unless `listen` is set).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    pub listen: Option<SocketAddr>,
+    /// HS256 key for bearer tokens.
+    pub jwt_secret: Option<Redacted>,
+    /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key.
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    /// When set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub jwt_audience: Option<String>,
+    /// Refuse tokens without `exp` (an `exp` present is always checked).
+    pub jwt_require_exp: bool,
+    /// A token whose claim of this name is `true` sees every subscription.
+    pub admin_claim: String,
+    /// Base of the `subscription` links, e.g. "https://hooks.example.com"
+    /// behind a proxy; default: http:// and the request's Host.
+    pub public_url: Option<String>,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            listen: None,
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_require_exp: false,
+            admin_claim: "admin".into(),
+            public_url: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -177,7 +225,7 @@ pub struct Config {
     pub security: Security,
     pub retention: Retention,
     pub metrics: Listen,
-    pub api: Listen,
+    pub api: Api,
 }
 
 impl Default for Log {
@@ -258,7 +306,7 @@ impl Default for Config {
             security: Security::default(),
             retention: Retention::default(),
             metrics: Listen::default(),
-            api: Listen::default(),
+            api: Api::default(),
         }
     }
 }
@@ -314,6 +362,9 @@ impl Config {
     /// `Invalid`, or `Many`).
     pub(crate) fn validate(&mut self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        if let Err(problem) = self.validate_api() {
+            problems.push(problem);
+        }
         let mut bad = |key: &'static str, message: String| problems.push(invalid(key, message));
         if self.database_url.0.trim().is_empty() {
             bad("database_url", "must not be empty".into());
@@ -372,6 +423,7 @@ impl Config {
         if self.retention.interval.is_zero() {
             bad("retention.interval", "must be more than 0s".into());
         }
+
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             bad(
                 "log.level",
@@ -383,6 +435,28 @@ impl Config {
             1 => Err(problems.remove(0)),
             _ => Err(ConfigError::Many(problems)),
         }
+    }
+}
+
+impl Config {
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        if api.jwt_secret.as_ref().is_some_and(|s| s.0.len() < 16) {
+            return Err(invalid("api.jwt_secret", "must be at least 16 characters"));
+        }
+        if api.listen.is_some() && api.jwt_secret.is_none() && api.jwt_public_key_file.is_none() {
+            return Err(invalid(
+                "api.listen",
+                "the API needs api.jwt_secret or api.jwt_public_key_file to check tokens",
+            ));
+        }
+        if let Some(base) = &api.public_url {
+            match url::Url::parse(base) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => return Err(invalid("api.public_url", "must be an http(s) URL")),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -536,6 +610,20 @@ mod tests {
         ));
         assert!(message.contains("security.extra_ca_files"), "{message}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn api_needs_a_key_and_hides_it() {
+        let err = Config::load(Some("[api]\nlisten = \"127.0.0.1:8080\""), &HashMap::new())
+            .expect_err("no key");
+        assert!(err.to_string().contains("api.listen"));
+        let cfg = Config::load(
+            Some("[api]\nlisten = \"127.0.0.1:8080\"\njwt_secret = \"0123456789abcdef-secret\""),
+            &HashMap::new(),
+        )
+        .expect("valid");
+        assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
+        assert_eq!(cfg.api.admin_claim, "admin");
     }
 
     #[test]

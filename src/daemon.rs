@@ -71,6 +71,22 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     let abort = CancellationToken::new();
     // Stops claiming; separate from `shutdown` so tests and signals share it.
     let stop = shutdown.child_token();
+    // Bound before any task starts, so a taken port fails the start cleanly.
+    let api = match config.api.listen {
+        Some(addr) => {
+            let state = crate::api::Api::from_config(&config).context("starting the API")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("api.listen: binding {addr}"))?;
+            tracing::info!(%addr, "subscriptions API listening");
+            Some(tokio::spawn(crate::api::serve(
+                listener,
+                state,
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let pruner = tokio::spawn(ops.watch(
         "pruner",
@@ -131,6 +147,11 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     ops.stopping("stopping: draining requests in flight");
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
     let _ = tokio::join!(listener, dispatcher, sender, pruner);
+    if let Some(api) = api {
+        if let Ok(Err(error)) = api.await {
+            tracing::error!(error = format!("{error:#}"), "the API server failed");
+        }
+    }
     requests.close();
     if tokio::time::timeout(config.delivery.shutdown_grace, requests.wait())
         .await

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
@@ -20,3 +22,4 @@ pub mod payload;
 pub mod receive;
 pub mod retention;
 pub mod sign;
+pub mod thorn_import;

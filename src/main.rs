@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use thorn::config::{self, Config};
-use thorn::sign::{self, Digest};
+use thorn::sign::{self, Digest, Signer};
 
 /// Signed webhooks from PostgreSQL row changes.
 #[derive(Parser)]
@@ -87,13 +87,23 @@ enum Command {
         /// The subscriber's hmac_digest
         #[arg(long, default_value = "sha256")]
         digest: Digest,
+        /// The subscriber's hmac_signer: sign, or compat (Thorn's old default)
+        #[arg(long, default_value = "sign")]
+        signer: Signer,
     },
+    /// Manage subscribers in the database
+    Subscriber(thorn::cli::SubscriberArgs),
+    /// Import subscribers from Thorn's Django table (webhooks_subscriber)
+    ImportThorn(thorn::cli::ImportThornArgs),
     /// Print the signature headers a body would carry
     Sign {
         #[arg(long, env = "THORN_SIGN_SECRET", hide_env_values = true)]
         secret: String,
         #[arg(long, default_value = "sha256")]
         digest: Digest,
+        /// Hook-HMAC scheme: sign, or compat (Thorn's old default)
+        #[arg(long, default_value = "sign")]
+        signer: Signer,
         /// The delivery id (webhook-id)
         #[arg(long, default_value = "00000000-0000-0000-0000-000000000000")]
         id: String,
@@ -353,13 +363,25 @@ async fn run(
             listen,
             secret,
             digest,
+            signer,
         } => {
-            let receiver = thorn::receive::Receiver { secret, digest };
+            let receiver = thorn::receive::Receiver {
+                secret,
+                digest,
+                signer,
+            };
             thorn::receive::serve(listen, receiver, shutdown_on_signals()?).await
+        }
+        Command::Subscriber(args) => {
+            thorn::cli::subscriber(&config, args, &mut std::io::stdout().lock()).await
+        }
+        Command::ImportThorn(args) => {
+            thorn::cli::import_thorn(&config, args, &mut std::io::stdout().lock()).await
         }
         Command::Sign {
             secret,
             digest,
+            signer,
             id,
             timestamp,
             body,
@@ -376,7 +398,7 @@ async fn run(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
             });
-            println!("Hook-HMAC: {}", sign::hook_hmac(digest, &secret, &bytes));
+            println!("Hook-HMAC: {}", signer.hook_hmac(digest, &secret, &bytes));
             println!("webhook-id: {id}");
             println!("webhook-timestamp: {timestamp}");
             println!(

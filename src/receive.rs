@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::sign::{self, Digest};
+use crate::sign::{self, Digest, Signer};
 
 /// Deliveries older or newer than this are refused (replay protection).
 pub const TOLERANCE: Duration = Duration::from_secs(5 * 60);
@@ -20,6 +20,8 @@ pub const TOLERANCE: Duration = Duration::from_secs(5 * 60);
 pub struct Receiver {
     pub secret: String,
     pub digest: Digest,
+    /// The subscriber's `hmac_signer` (Hook-HMAC scheme).
+    pub signer: Signer,
 }
 
 /// What a receiver concluded about one request.
@@ -50,7 +52,9 @@ impl Receiver {
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let tolerance = i64::try_from(TOLERANCE.as_secs()).unwrap_or(300);
         Verdict {
-            hook_hmac: sign::verify_hook_hmac(self.digest, &self.secret, body, header("hook-hmac")),
+            hook_hmac: self
+                .signer
+                .verify(self.digest, &self.secret, body, header("hook-hmac")),
             webhook_signature: sign::verify_webhook_signature(
                 &self.secret,
                 header("webhook-id"),

@@ -77,6 +77,82 @@ pub fn hook_hmac(digest: Digest, secret: &str, body: &[u8]) -> String {
     B64.encode(hmac_raw(digest, secret.as_bytes(), &[body]))
 }
 
+/// Thorn's `compat_sign` (its default signer, itsdangerous-style):
+/// k' = H("itsdangerous.Signer" + "signer" + secret), then URL-safe base64
+/// without padding of HMAC(H, k', body). Only for subscribers whose
+/// consumers still verify Thorn's default (`hmac_signer = 'compat'`).
+pub fn compat_sign(digest: Digest, secret: &str, body: &[u8]) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: [&[u8]; 3] = [b"itsdangerous.Signer", b"signer", secret.as_bytes()];
+    let derived = match digest {
+        Digest::Sha1 => hash::<sha1::Sha1>(&parts),
+        Digest::Sha224 => hash::<sha2::Sha224>(&parts),
+        Digest::Sha256 => hash::<sha2::Sha256>(&parts),
+        Digest::Sha384 => hash::<sha2::Sha384>(&parts),
+        Digest::Sha512 => hash::<sha2::Sha512>(&parts),
+    };
+    URL_SAFE_NO_PAD.encode(hmac_raw(digest, &derived, &[body]))
+}
+
+fn hash<H: sha2::Digest>(parts: &[&[u8]]) -> Vec<u8> {
+    let mut h = H::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().to_vec()
+}
+
+/// Which `Hook-HMAC` scheme a subscriber gets (`thorn.subscriber.hmac_signer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Signer {
+    /// Thorn's `sign`: [`hook_hmac`].
+    #[default]
+    Sign,
+    /// Thorn's `compat_sign`: [`compat_sign`].
+    Compat,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown signer {0:?}: expected sign or compat")]
+pub struct UnknownSigner(pub String);
+
+impl std::str::FromStr for Signer {
+    type Err = UnknownSigner;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "sign" => Ok(Signer::Sign),
+            "compat" => Ok(Signer::Compat),
+            _ => Err(UnknownSigner(s.to_owned())),
+        }
+    }
+}
+
+impl Signer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signer::Sign => "sign",
+            Signer::Compat => "compat",
+        }
+    }
+
+    /// The `Hook-HMAC` value for `body` under this scheme.
+    pub fn hook_hmac(self, digest: Digest, secret: &str, body: &[u8]) -> String {
+        match self {
+            Signer::Sign => hook_hmac(digest, secret, body),
+            Signer::Compat => compat_sign(digest, secret, body),
+        }
+    }
+
+    /// Checks a `Hook-HMAC` header under this scheme in constant time.
+    pub fn verify(self, digest: Digest, secret: &str, body: &[u8], header: &str) -> bool {
+        constant_time_eq(
+            header.trim().as_bytes(),
+            self.hook_hmac(digest, secret, body).as_bytes(),
+        )
+    }
+}
+
 /// The Standard Webhooks key: a `whsec_` secret is base64 of the key bytes;
 /// any other secret is used as its UTF-8 bytes.
 fn standard_key(secret: &str) -> Vec<u8> {
@@ -157,6 +233,40 @@ mod tests {
             assert_eq!(hook_hmac(digest, "secret", ARTICLE), expected, "{digest:?}");
             assert!(verify_hook_hmac(digest, "secret", ARTICLE, expected));
         }
+    }
+
+    #[test]
+    fn compat_sign_known_answers() {
+        // From THORN.md; the others from Python's hashlib/hmac computing
+        // itsdangerous' derivation by hand.
+        assert_eq!(
+            compat_sign(Digest::Sha256, "KEY", b"MSG"),
+            "_EfR1r6r1FlS2Rwz2JmDzChcVAXVbiaGiqZUokPnmoE"
+        );
+        let cases = [
+            (Digest::Sha1, "pMVTJVXTUg1ugQOZVCbTN87tFSs"),
+            (Digest::Sha224, "EduiQyEOBqy2U-oEl1nSjITLi54B651T8kBKJQ"),
+            (Digest::Sha256, "VVssY_At52kYNGJ4z12nTRL9Y13BgXqEPaZlesMg_Sg"),
+            (
+                Digest::Sha384,
+                "pfo4GC7daN6x-8HoCmtHePnnqH7RGm24QAjcnX3RcShpoalWv4_RJc4XDxPAGLg7",
+            ),
+            (
+                Digest::Sha512,
+                "pjf7V6Z7oxcFFzcamNQR6AofoIjQ72ubqKlXmMRYhv76e6F60AIO6wRtHkJZIrXGaqa9WtX3jN_bi6_v15IAuQ",
+            ),
+        ];
+        for (digest, expected) in cases {
+            assert_eq!(
+                compat_sign(digest, "secret", ARTICLE),
+                expected,
+                "{digest:?}"
+            );
+            assert!(Signer::Compat.verify(digest, "secret", ARTICLE, expected));
+            assert!(!Signer::Sign.verify(digest, "secret", ARTICLE, expected));
+        }
+        assert_eq!("COMPAT".parse::<Signer>().ok(), Some(Signer::Compat));
+        assert!("itsdangerous".parse::<Signer>().is_err());
     }
 
     #[test]

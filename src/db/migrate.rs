@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "schema", include_str!("../../sql/0001_schema.sql")),
     (2, "annotate", include_str!("../../sql/0002_annotate.sql")),
+    (3, "signer", include_str!("../../sql/0003_signer.sql")),
     (4, "security", include_str!("../../sql/0004_security.sql")),
     (
         5,

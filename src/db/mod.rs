@@ -6,6 +6,7 @@
 pub mod listen;
 pub mod migrate;
 pub mod queue;
+pub mod subscribers;
 
 use std::time::Duration;
 

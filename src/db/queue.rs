@@ -37,6 +37,8 @@ pub struct Claimed {
     pub digest: String,
     pub content_type: String,
     pub active: bool,
+    /// `sign` or `compat`: the Hook-HMAC scheme.
+    pub signer: String,
     /// Age of the event (since its transaction's `now()`) at the claim.
     pub event_age: Duration,
     pub claimed_at: Instant,
@@ -94,7 +96,7 @@ const CLAIM_DELIVERIES: &str = "
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
            s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
-           extract(epoch FROM now() - e.created_at)::float8
+           s.hmac_signer, extract(epoch FROM now() - e.created_at)::float8
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id";
@@ -203,7 +205,8 @@ impl Statements {
                     digest: r.try_get(10)?,
                     content_type: r.try_get(11)?,
                     active: r.try_get(12)?,
-                    event_age: Duration::try_from_secs_f64(r.try_get::<_, f64>(13)?.max(0.0))
+                    signer: r.try_get(13)?,
+                    event_age: Duration::try_from_secs_f64(r.try_get::<_, f64>(14)?.max(0.0))
                         .unwrap_or_default(),
                     claimed_at: Instant::now(),
                 })

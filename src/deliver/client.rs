@@ -17,7 +17,7 @@ use super::guard::Guard;
 use crate::config::Config;
 use crate::db::queue::Claimed;
 use crate::payload::{ContentType, Envelope};
-use crate::sign::{self, Digest};
+use crate::sign::{self, Digest, Signer};
 
 pub const USER_AGENT: &str = concat!("thorn/", env!("CARGO_PKG_VERSION"));
 
@@ -217,13 +217,14 @@ impl Client {
             Ok(url) => url,
             Err(message) => return finish(Err(Failure::Blocked), Some(message)),
         };
-        let (Ok(digest), Some(content_type)) = (
+        let (Ok(digest), Some(content_type), Ok(signer)) = (
             d.digest.parse::<Digest>(),
             ContentType::from_column(&d.content_type),
+            d.signer.parse::<Signer>(),
         ) else {
             return finish(
                 Err(Failure::Invalid),
-                Some("unknown hmac_digest or content_type".into()),
+                Some("unknown hmac_digest, content_type or hmac_signer".into()),
             );
         };
         let body = Envelope {
@@ -244,7 +245,7 @@ impl Client {
             .header("Hook-Event", &d.event)
             .header("Hook-Delivery", &id)
             .header("Hook-Subscription", d.subscriber_id.to_string())
-            .header("Hook-HMAC", sign::hook_hmac(digest, &d.secret.0, &body))
+            .header("Hook-HMAC", signer.hook_hmac(digest, &d.secret.0, &body))
             .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string())
             .header(

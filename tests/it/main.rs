@@ -1,7 +1,10 @@
 //! Integration tests: a real PostgreSQL (a fresh database per test), a real
 //! HTTP receiver on 127.0.0.1, the daemon's real tasks.
 
+mod api;
 mod capture;
+mod cli;
+mod consumers;
 mod delivery;
 mod hostile;
 mod ops;
@@ -10,3 +13,4 @@ mod process;
 mod resilience;
 mod security;
 mod support;
+mod thorn_import;

@@ -613,3 +613,129 @@ pub fn sample(text: &str, series: &str) -> f64 {
                 .expect("a number")
         })
 }
+
+/// The HS256 key tests sign API tokens with.
+pub const JWT_SECRET: &str = "test-only-api-secret-0123456789";
+
+/// `t.config()` with the API's keys: HS256 and the test RSA public key.
+pub fn api_config(t: &TestDb) -> Config {
+    let mut config = t.config();
+    config.api.jwt_secret = Some(thorn::config::Redacted(JWT_SECRET.into()));
+    config.api.jwt_public_key_file =
+        Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/keys/rsa_public.pem"));
+    config
+}
+
+/// An HS256 token for `sub` with extra claims merged in.
+pub fn token_with(sub: &str, extra: serde_json::Value) -> String {
+    let mut claims = serde_json::json!({ "sub": sub, "exp": unix_now() + 600 });
+    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+pub fn token(sub: &str) -> String {
+    token_with(sub, serde_json::json!({}))
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// The REST API served on 127.0.0.1:0 until dropped.
+pub struct ApiServer {
+    pub base: String,
+    shutdown: CancellationToken,
+}
+
+impl ApiServer {
+    pub async fn start(config: &Config) -> ApiServer {
+        let api = thorn::api::Api::from_config(config).expect("api state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(thorn::api::serve(listener, api, shutdown.clone()));
+        ApiServer { base, shutdown }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until something accepts connections on `port` (panics after 20 s).
+pub async fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the `thorn` binary against `database_url` (no config file); returns
+/// (exit code, stdout, stderr).
+pub async fn thorn_cli(database_url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_thorn"))
+        .args(args)
+        .env("THORN_CONFIG", "/dev/null")
+        .env("THORN_DATABASE_URL", database_url)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run thorn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Thorn's `compat_sign`, computed by Python's hashlib/hmac following
+/// itsdangerous' key derivation: independent of the implementation under
+/// test.
+pub fn python_compat_sign(digest: &str, secret: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    let script = r#"
+import base64, hashlib, hmac, sys
+digest, key, msg = sys.argv[1], sys.argv[2].encode(), base64.b64decode(sys.argv[3])
+h = getattr(hashlib, digest)
+derived = h(b"itsdangerous.Signer" + b"signer" + key).digest()
+print(base64.urlsafe_b64encode(hmac.new(derived, msg, h).digest()).rstrip(b"=").decode())
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            digest,
+            secret,
+            &base64::engine::general_purpose::STANDARD.encode(body),
+        ])
+        .output()
+        .expect("python3 is needed for the independent signature check");
+    assert!(out.status.success(), "python failed");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}

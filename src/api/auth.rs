@@ -1,0 +1,225 @@
+//! Bearer tokens: `Authorization: Bearer <JWT>`, checked with the configured
+//! HS256 secret and/or RSA (RS256) / EC (ES256) public key. `sub` is the
+//! caller's owner name; a claim named `api.admin_claim` that is `true` makes
+//! the caller an admin, who sees every subscription.
+//!
+//! A token's algorithm only selects among the keys of its own family, so an
+//! HS256 token can never be checked against a public key (the classic
+//! algorithm-confusion attack).
+
+use anyhow::Context;
+use axum::http::{header, HeaderMap};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use super::errors::ApiError;
+use crate::config::Api as ApiConfig;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub owner: String,
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The owner filter for queries: admins see everything.
+    pub fn scope(&self) -> Option<&str> {
+        (!self.admin).then_some(self.owner.as_str())
+    }
+}
+
+struct Key {
+    algorithms: &'static [Algorithm],
+    key: DecodingKey,
+}
+
+pub struct Auth {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    require_exp: bool,
+    admin_claim: String,
+}
+
+impl Auth {
+    /// Reads the keys the config names; fails when none is usable.
+    pub fn from_config(api: &ApiConfig) -> anyhow::Result<Auth> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &api.jwt_secret {
+            keys.push(Key {
+                algorithms: &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
+                key: DecodingKey::from_secret(secret.0.as_bytes()),
+            });
+        }
+        if let Some(path) = &api.jwt_public_key_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("api.jwt_public_key_file: reading {}", path.display()))?;
+            let key = if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+                Key {
+                    algorithms: &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+                    key,
+                }
+            } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                Key {
+                    algorithms: &[Algorithm::ES256, Algorithm::ES384],
+                    key,
+                }
+            } else {
+                anyhow::bail!(
+                    "api.jwt_public_key_file: {} is not a PEM RSA or EC public key",
+                    path.display()
+                );
+            };
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            anyhow::bail!("api: set api.jwt_secret or api.jwt_public_key_file");
+        }
+        Ok(Auth {
+            keys,
+            issuer: api.jwt_issuer.clone(),
+            audience: api.jwt_audience.clone(),
+            require_exp: api.jwt_require_exp,
+            admin_claim: api.admin_claim.clone(),
+        })
+    }
+
+    /// The caller named by the request's bearer token, or a 401.
+    pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::unauthorized("an Authorization: Bearer <JWT> header is required")
+        })?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be Bearer <JWT>")
+            })?;
+        self.verify(token)
+    }
+
+    fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let bad = || ApiError::unauthorized("the token is not valid");
+        let header = jsonwebtoken::decode_header(token).map_err(|_| bad())?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.algorithms.contains(&header.alg))
+            .ok_or_else(|| ApiError::unauthorized("the token's algorithm is not accepted"))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = 30;
+        validation.validate_nbf = true;
+        let mut required = vec!["sub"];
+        if self.require_exp {
+            required.push("exp");
+        }
+        validation.set_required_spec_claims(&required);
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map_err(|error| {
+                tracing::debug!(%error, "refused a bearer token");
+                match error.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                        ApiError::unauthorized("the token has expired")
+                    }
+                    _ => bad(),
+                }
+            })?;
+        let owner = match data.claims.get("sub") {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            _ => {
+                return Err(ApiError::unauthorized(
+                    "the token's sub must be a non-empty string",
+                ))
+            }
+        };
+        let admin = !self.admin_claim.is_empty()
+            && data.claims.get(&self.admin_claim) == Some(&Value::Bool(true));
+        Ok(Caller { owner, admin })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn auth() -> Auth {
+        let api = ApiConfig {
+            jwt_secret: Some(crate::config::Redacted("0123456789abcdef0123".into())),
+            ..ApiConfig::default()
+        };
+        Auth::from_config(&api).expect("auth")
+    }
+
+    fn token(claims: Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("token")
+    }
+
+    #[test]
+    fn sub_is_the_owner_and_admin_is_a_claim() {
+        let a = auth();
+        let key = "0123456789abcdef0123";
+        assert_eq!(
+            a.verify(&token(serde_json::json!({"sub": "alice"}), key))
+                .expect("ok"),
+            Caller {
+                owner: "alice".into(),
+                admin: false
+            }
+        );
+        assert!(
+            a.verify(&token(
+                serde_json::json!({"sub": "root", "admin": true}),
+                key
+            ))
+            .expect("ok")
+            .admin
+        );
+        assert!(
+            !a.verify(&token(
+                serde_json::json!({"sub": "eve", "admin": "yes"}),
+                key
+            ))
+            .expect("ok")
+            .admin
+        );
+    }
+
+    #[test]
+    fn refuses_bad_tokens() {
+        let a = auth();
+        let key = "0123456789abcdef0123";
+        for bad in [
+            token(
+                serde_json::json!({"sub": "alice"}),
+                "another secret entirely",
+            ),
+            token(serde_json::json!({"name": "alice"}), key),
+            token(serde_json::json!({"sub": ""}), key),
+            token(serde_json::json!({"sub": "alice", "exp": 1_000_000}), key),
+            "not.a.jwt".into(),
+            // alg "none"
+            "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.".into(),
+        ] {
+            assert!(a.verify(&bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Thorn's REST views: `/hooks/` (POST subscribe, GET list) and
+//! `/hooks/{id}/` (GET, PUT, PATCH, DELETE), scoped to the caller.
+//!
+//! Order of checks on every route: the token (401), then the id (unknown,
+//! malformed or another owner's: 404, indistinguishable), then the body
+//! (400 naming every bad field). Validity comes from the database
+//! ([`subscribers::problems`]); the URL is also checked against the address
+//! guard, so a subscription that could never be delivered is refused now.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::errors::ApiError;
+use super::Api;
+use crate::db::subscribers::{self, Changes, FieldErrors, Subscription};
+use crate::sign::Secret;
+
+/// A subscription as the API shows it: the row plus its own URL.
+#[derive(Serialize)]
+struct View {
+    #[serde(flatten)]
+    row: Subscription,
+    subscription: String,
+}
+
+fn view(api: &Api, headers: &HeaderMap, row: Subscription) -> View {
+    let base = match &api.public_url {
+        Some(base) => base.trim_end_matches('/').to_owned(),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            format!("http://{host}")
+        }
+    };
+    let subscription = format!("{base}/hooks/{}/", row.id);
+    View { row, subscription }
+}
+
+/// `PUT` and `POST` need every required field; `PATCH` takes any subset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Create,
+    Replace,
+    Patch,
+}
+
+/// Reads the writable fields of a JSON object body, recording every field
+/// of the wrong type or missing. Unknown and read-only fields are ignored,
+/// as Thorn's serializer did.
+fn parse_body(
+    body: &[u8],
+    mode: Mode,
+    caller: &Caller,
+) -> Result<(Changes, FieldErrors), ApiError> {
+    let object: Map<String, Value> = match serde_json::from_slice(body) {
+        Ok(Value::Object(o)) => o,
+        Ok(_) => return Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => return Err(ApiError::bad_request(format!("the body is not JSON: {e}"))),
+    };
+    let mut errors = FieldErrors::new();
+    let mut problem = |field: &str, message: &str| {
+        errors
+            .entry(field.to_owned())
+            .or_default()
+            .push(message.to_owned());
+    };
+    let mut text = |field: &str, required: bool| -> Option<String> {
+        match object.get(field) {
+            None if required => {
+                problem(field, "this field is required");
+                None
+            }
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Null) => {
+                problem(field, "may not be null");
+                None
+            }
+            Some(_) => {
+                problem(field, "must be a string");
+                None
+            }
+        }
+    };
+    let required = mode != Mode::Patch;
+    let mut changes = Changes {
+        event: text("event", required),
+        url: text("url", required),
+        content_type: text("content_type", false),
+        hmac_digest: text("hmac_digest", false),
+        hmac_secret: text("hmac_secret", false).map(Secret),
+        hmac_signer: text("hmac_signer", false),
+        ..Changes::default()
+    };
+    for (field, slot) in [
+        ("ordered", &mut changes.ordered),
+        ("active", &mut changes.active),
+    ] {
+        match object.get(field) {
+            None => {}
+            Some(Value::Bool(b)) => *slot = Some(*b),
+            Some(_) => problem(field, "must be true or false"),
+        }
+    }
+    // `owner` is the caller's name; only an admin may file a subscription
+    // under another name (or none: anonymous subscriptions receive only
+    // events without a sender).
+    match object.get("owner") {
+        None => {}
+        Some(Value::String(s)) if *s == caller.owner => changes.owner = Some(Some(s.clone())),
+        Some(Value::String(s)) if caller.admin => changes.owner = Some(Some(s.clone())),
+        Some(Value::Null) if caller.admin => changes.owner = Some(None),
+        Some(Value::String(_)) | Some(Value::Null) => {
+            problem("owner", "only an admin may set another owner")
+        }
+        Some(_) => problem("owner", "must be a string or null"),
+    }
+    if mode == Mode::Create && changes.owner.is_none() {
+        changes.owner = Some(Some(caller.owner.clone()));
+    }
+    Ok((changes, errors))
+}
+
+/// Collects every problem: types and required fields, the database's rules
+/// for the fields that parsed, then the address guard for a valid URL.
+async fn validate(
+    api: &Api,
+    base: Option<&Subscription>,
+    changes: &Changes,
+    mut errors: FieldErrors,
+) -> Result<(), ApiError> {
+    let db = api.db().await?;
+    let found = subscribers::problems(&*db, base, changes).await?;
+    for (field, messages) in found {
+        // A field already reported as missing or mistyped was not sent.
+        errors.entry(field).or_insert(messages);
+    }
+    if let Some(url) = &changes.url {
+        if !errors.contains_key("url") {
+            if let Err(message) = api.check_url(url).await {
+                errors.insert("url".into(), vec![message]);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(errors))
+    }
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    // Only the hyphenated form, as in the URLs this API hands out.
+    match Uuid::try_parse(raw) {
+        Ok(id) if raw.len() == 36 => Ok(id),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+pub async fn create(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = api.auth.caller(&headers)?;
+    let (changes, errors) = parse_body(&body, Mode::Create, &caller)?;
+    validate(&api, None, &changes, errors).await?;
+    let db = api.db().await?;
+    let row = subscribers::insert(&*db, &changes).await?;
+    tracing::info!(subscriber = %row.id, owner = ?row.owner, event = %row.event, "subscribed through the API");
+    let location = format!("/hooks/{}/", row.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(view(&api, &headers, row)),
+    )
+        .into_response())
+}
+
+pub async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = api.auth.caller(&headers)?;
+    let db = api.db().await?;
+    let rows = subscribers::list(&*db, caller.scope()).await?;
+    let views: Vec<View> = rows.into_iter().map(|r| view(&api, &headers, r)).collect();
+    Ok(Json(views).into_response())
+}
+
+pub async fn show(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = api.auth.caller(&headers)?;
+    let id = parse_id(&id)?;
+    let db = api.db().await?;
+    let row = subscribers::get(&*db, id, caller.scope())
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(view(&api, &headers, row)).into_response())
+}
+
+async fn change(
+    api: &Api,
+    id: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    mode: Mode,
+) -> Result<Response, ApiError> {
+    let caller = api.auth.caller(headers)?;
+    let id = parse_id(id)?;
+    let db = api.db().await?;
+    // Existence first: another owner's id is a 404 even with a bad body.
+    let current = subscribers::get(&*db, id, caller.scope())
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let (changes, errors) = parse_body(body, mode, &caller)?;
+    validate(api, Some(&current), &changes, errors).await?;
+    let row = subscribers::update(&*db, id, caller.scope(), &changes)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(view(api, headers, row)).into_response())
+}
+
+pub async fn replace(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    change(&api, &id, &headers, &body, Mode::Replace).await
+}
+
+pub async fn patch(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    change(&api, &id, &headers, &body, Mode::Patch).await
+}
+
+pub async fn remove(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = api.auth.caller(&headers)?;
+    let id = parse_id(&id)?;
+    let db = api.db().await?;
+    if !subscribers::delete(&*db, id, caller.scope()).await? {
+        return Err(ApiError::not_found());
+    }
+    tracing::info!(subscriber = %id, "unsubscribed through the API");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

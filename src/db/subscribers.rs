@@ -1,0 +1,313 @@
+//! Subscriber rows for the people who manage them: the REST API and
+//! `thorn subscriber`. The daemon's hot path reads subscribers in `queue.rs`.
+//!
+//! Validity has one source of truth, the database: `thorn.subscriber_problems`
+//! lists every bad column of a candidate row (the validating trigger raises
+//! the first of the same list). Every query takes an optional owner `scope`:
+//! `Some(owner)` sees only that owner's rows, `None` (an admin) sees all.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use crate::sign::Secret;
+
+/// A subscriber as people see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subscription {
+    pub id: Uuid,
+    pub event: String,
+    pub url: String,
+    pub content_type: String,
+    pub owner: Option<String>,
+    #[serde(serialize_with = "reveal")]
+    pub hmac_secret: Secret,
+    pub hmac_digest: String,
+    pub hmac_signer: String,
+    pub ordered: bool,
+    pub active: bool,
+    pub deactivated_reason: Option<String>,
+    /// RFC 3339 in UTC, microseconds, `Z` (as Thorn's API rendered them).
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+fn reveal<S: serde::Serializer>(secret: &Secret, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&secret.0)
+}
+
+/// Values to write. `None` leaves a column as it is (on insert: its default).
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    pub event: Option<String>,
+    pub url: Option<String>,
+    /// `Some(None)` clears the owner.
+    pub owner: Option<Option<String>>,
+    pub hmac_secret: Option<Secret>,
+    pub hmac_digest: Option<String>,
+    pub content_type: Option<String>,
+    pub hmac_signer: Option<String>,
+    pub ordered: Option<bool>,
+    pub active: Option<bool>,
+}
+
+/// Problems by field name, each field with its messages.
+pub type FieldErrors = BTreeMap<String, Vec<String>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid subscriber: {}", describe(.0))]
+    Invalid(FieldErrors),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+fn describe(fields: &FieldErrors) -> String {
+    fields
+        .iter()
+        .map(|(f, m)| format!("{f}: {}", m.join("; ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const COLUMNS: &str = "id, event, url, content_type, owner, hmac_secret, hmac_digest, hmac_signer,
+    ordered, active, deactivated_reason,
+    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+fn from_row(r: &Row) -> Result<Subscription, tokio_postgres::Error> {
+    Ok(Subscription {
+        id: r.try_get(0)?,
+        event: r.try_get(1)?,
+        url: r.try_get(2)?,
+        content_type: r.try_get(3)?,
+        owner: r.try_get(4)?,
+        hmac_secret: Secret(r.try_get(5)?),
+        hmac_digest: r.try_get(6)?,
+        hmac_signer: r.try_get(7)?,
+        ordered: r.try_get(8)?,
+        active: r.try_get(9)?,
+        deactivated_reason: r.try_get(10)?,
+        created_at: r.try_get(11)?,
+        updated_at: r.try_get(12)?,
+    })
+}
+
+/// Every problem of the row `base` would become with `changes` applied
+/// (`base` = None: a new row with the defaults). A secret left out of a new
+/// row is generated, so it is not a problem.
+pub async fn problems(
+    db: &impl GenericClient,
+    base: Option<&Subscription>,
+    changes: &Changes,
+) -> Result<FieldErrors, tokio_postgres::Error> {
+    let pick = |new: &Option<String>, old: Option<&String>, default: &str| -> String {
+        new.clone()
+            .or_else(|| old.cloned())
+            .unwrap_or_else(|| default.to_owned())
+    };
+    let event = pick(&changes.event, base.map(|b| &b.event), "");
+    let url = pick(&changes.url, base.map(|b| &b.url), "");
+    let digest = pick(&changes.hmac_digest, base.map(|b| &b.hmac_digest), "sha256");
+    let content_type = pick(
+        &changes.content_type,
+        base.map(|b| &b.content_type),
+        "application/json",
+    );
+    let signer = pick(&changes.hmac_signer, base.map(|b| &b.hmac_signer), "sign");
+    let secret: Option<String> = changes
+        .hmac_secret
+        .as_ref()
+        .or(base.map(|b| &b.hmac_secret))
+        .map(|s| s.0.clone());
+    let rows = db
+        .query(
+            "SELECT column_name, problem
+             FROM thorn.subscriber_problems($1, $2, $3, $4, $5, $6)
+             WHERE NOT ($5::text IS NULL AND column_name = 'hmac_secret')",
+            &[&event, &url, &digest, &content_type, &secret, &signer],
+        )
+        .await?;
+    let mut errors = FieldErrors::new();
+    for r in rows {
+        errors.entry(r.try_get(0)?).or_default().push(r.try_get(1)?);
+    }
+    Ok(errors)
+}
+
+/// The field a rejected write names: the trigger's COLUMN, or the column
+/// of a `subscriber_<column>_check` constraint.
+fn rejected(error: tokio_postgres::Error) -> StoreError {
+    let Some(db) = error.as_db_error() else {
+        return StoreError::Db(error);
+    };
+    if *db.code() != SqlState::CHECK_VIOLATION {
+        return StoreError::Db(error);
+    }
+    let field = db.column().map(str::to_owned).or_else(|| {
+        db.constraint()
+            .and_then(|c| c.strip_prefix("subscriber_"))
+            .and_then(|c| c.strip_suffix("_check"))
+            .map(str::to_owned)
+    });
+    match field {
+        Some(field) => {
+            // "thorn.subscriber.url: must be …" → "must be …"
+            let message = db
+                .message()
+                .split_once(": ")
+                .map_or(db.message(), |(_, m)| m)
+                .to_owned();
+            StoreError::Invalid(FieldErrors::from([(field, vec![message])]))
+        }
+        None => StoreError::Db(error),
+    }
+}
+
+pub async fn insert(db: &impl GenericClient, new: &Changes) -> Result<Subscription, StoreError> {
+    let owner: Option<&str> = new.owner.as_ref().and_then(|o| o.as_deref());
+    let secret: Option<&str> = new.hmac_secret.as_ref().map(|s| s.0.as_str());
+    let sql = format!(
+        "INSERT INTO thorn.subscriber
+             (event, url, owner, hmac_secret, hmac_digest, content_type, hmac_signer, ordered, active)
+         VALUES ($1, $2, $3, coalesce($4, thorn.random_secret()), coalesce($5, 'sha256'),
+                 coalesce($6, 'application/json'), coalesce($7, 'sign'),
+                 coalesce($8, false), coalesce($9, true))
+         RETURNING {COLUMNS}"
+    );
+    let row = db
+        .query_one(
+            &sql,
+            &[
+                &new.event,
+                &new.url,
+                &owner,
+                &secret,
+                &new.hmac_digest,
+                &new.content_type,
+                &new.hmac_signer,
+                &new.ordered,
+                &new.active,
+            ],
+        )
+        .await
+        .map_err(rejected)?;
+    Ok(from_row(&row)?)
+}
+
+pub async fn get(
+    db: &impl GenericClient,
+    id: Uuid,
+    scope: Option<&str>,
+) -> Result<Option<Subscription>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM thorn.subscriber
+         WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"
+    );
+    db.query_opt(&sql, &[&id, &scope])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+pub async fn list(
+    db: &impl GenericClient,
+    scope: Option<&str>,
+) -> Result<Vec<Subscription>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM thorn.subscriber
+         WHERE $1::text IS NULL OR owner = $1
+         ORDER BY created_at, id"
+    );
+    db.query(&sql, &[&scope])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
+/// Applies `changes` to the row if `scope` may see it; `None` if not.
+pub async fn update(
+    db: &impl GenericClient,
+    id: Uuid,
+    scope: Option<&str>,
+    changes: &Changes,
+) -> Result<Option<Subscription>, StoreError> {
+    let set_owner = changes.owner.is_some();
+    let owner: Option<&str> = changes.owner.as_ref().and_then(|o| o.as_deref());
+    let secret: Option<&str> = changes.hmac_secret.as_ref().map(|s| s.0.as_str());
+    let sql = format!(
+        "UPDATE thorn.subscriber SET
+             event = coalesce($3, event),
+             url = coalesce($4, url),
+             owner = CASE WHEN $5 THEN $6 ELSE owner END,
+             hmac_secret = coalesce($7, hmac_secret),
+             hmac_digest = coalesce($8, hmac_digest),
+             content_type = coalesce($9, content_type),
+             hmac_signer = coalesce($10, hmac_signer),
+             ordered = coalesce($11, ordered),
+             active = coalesce($12, active)
+         WHERE id = $1 AND ($2::text IS NULL OR owner = $2)
+         RETURNING {COLUMNS}"
+    );
+    let row = db
+        .query_opt(
+            &sql,
+            &[
+                &id,
+                &scope,
+                &changes.event,
+                &changes.url,
+                &set_owner,
+                &owner,
+                &secret,
+                &changes.hmac_digest,
+                &changes.content_type,
+                &changes.hmac_signer,
+                &changes.ordered,
+                &changes.active,
+            ],
+        )
+        .await
+        .map_err(rejected)?;
+    Ok(row.as_ref().map(from_row).transpose()?)
+}
+
+/// Deletes the row if `scope` may see it; false if not.
+pub async fn delete(
+    db: &impl GenericClient,
+    id: Uuid,
+    scope: Option<&str>,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = db
+        .execute(
+            "DELETE FROM thorn.subscriber WHERE id = $1 AND ($2::text IS NULL OR owner = $2)",
+            &[&id, &scope],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Enables or disables a subscriber for an operator, keeping a reason.
+pub async fn set_active(
+    db: &impl GenericClient,
+    id: Uuid,
+    active: bool,
+    reason: Option<&str>,
+) -> Result<Option<Subscription>, tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE thorn.subscriber SET active = $2,
+             deactivated_reason = CASE WHEN $2 THEN NULL ELSE $3 END
+         WHERE id = $1
+         RETURNING {COLUMNS}"
+    );
+    db.query_opt(&sql, &[&id, &active, &reason])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}

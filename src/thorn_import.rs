@@ -1,0 +1,216 @@
+//! Importing subscribers from Thorn's Django table (`webhooks_subscriber`:
+//! id, uuid, event, url, user_id → auth_user, hmac_secret, hmac_digest,
+//! content_type, created_at, updated_at) into `thorn.subscriber`.
+//!
+//! Thorn's `uuid` becomes thorn's `id`, so `Hook-Subscription` stays the
+//! same for consumers and a second run imports nothing twice. The owner is
+//! the user's username (Thorn's `sender`). Rows the database refuses are
+//! reported and skipped; the others are imported.
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::db::subscribers::{self, Changes, FieldErrors};
+use crate::sign::{Secret, Signer};
+
+/// Where Thorn's rows are and how to read them.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Thorn's subscriber table, `[schema.]name`.
+    pub table: String,
+    /// The users table `user_id` points to; `None`: the owner is the
+    /// `user_id` value itself, as text.
+    pub users: Option<String>,
+    /// The users table's column that holds the name events carry as sender.
+    pub username_column: String,
+    /// Hook-HMAC scheme for the imported subscribers. Thorn's default signer
+    /// was `compat_sign`; choose `sign` if THORN_HMAC_SIGNER was `sign`.
+    pub signer: Signer,
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        Source {
+            table: "webhooks_subscriber".into(),
+            users: Some("auth_user".into()),
+            username_column: "username".into(),
+            signer: Signer::Compat,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub imported: Vec<Uuid>,
+    /// Already in thorn.subscriber (an earlier import).
+    pub present: Vec<Uuid>,
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    pub id: Uuid,
+    pub problems: FieldErrors,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{0:?} is not a table name ([schema.]name, letters, digits and _)")]
+    BadName(String),
+    #[error("reading Thorn's table: {0}")]
+    Read(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// `"a"."b"` from `a.b`, refusing anything but plain identifiers.
+fn quoted(name: &str) -> Result<String, ImportError> {
+    let plain = |p: &str| {
+        !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| plain(p)) {
+        return Err(ImportError::BadName(name.to_owned()));
+    }
+    Ok(parts
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+struct Row {
+    id: Uuid,
+    changes: Changes,
+    created_at: String,
+}
+
+async fn read(source_db: &impl GenericClient, source: &Source) -> Result<Vec<Row>, ImportError> {
+    let table = quoted(&source.table)?;
+    let (owner, join) = match &source.users {
+        Some(users) => (
+            format!("u.{}::text", quoted(&source.username_column)?),
+            format!("LEFT JOIN {} u ON u.id = s.user_id", quoted(users)?),
+        ),
+        None => ("s.user_id::text".to_owned(), String::new()),
+    };
+    let sql = format!(
+        "SELECT s.uuid, s.event::text, s.url::text, {owner}, s.hmac_secret::text,
+                s.hmac_digest::text, s.content_type::text, s.created_at::timestamptz::text
+         FROM {table} s {join}
+         ORDER BY s.created_at, s.uuid"
+    );
+    let rows = source_db
+        .query(&sql, &[])
+        .await
+        .map_err(ImportError::Read)?;
+    rows.iter()
+        .map(|r| {
+            Ok(Row {
+                id: r.try_get(0)?,
+                changes: Changes {
+                    event: r.try_get(1)?,
+                    url: r.try_get(2)?,
+                    owner: Some(r.try_get(3)?),
+                    hmac_secret: r.try_get::<_, Option<String>>(4)?.map(Secret),
+                    hmac_digest: r.try_get(5)?,
+                    content_type: r.try_get(6)?,
+                    hmac_signer: Some(source.signer.as_str().to_owned()),
+                    ..Changes::default()
+                },
+                created_at: r.try_get(7)?,
+            })
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(ImportError::Read)
+}
+
+/// Copies Thorn's subscribers from `source_db` into `target`'s
+/// `thorn.subscriber` (they may be the same database). With `dry_run`,
+/// only reports what would happen.
+pub async fn import(
+    source_db: &impl GenericClient,
+    target: &impl GenericClient,
+    source: &Source,
+    dry_run: bool,
+) -> Result<Report, ImportError> {
+    let mut report = Report::default();
+    for row in read(source_db, source).await? {
+        let exists = target
+            .query_opt("SELECT 1 FROM thorn.subscriber WHERE id = $1", &[&row.id])
+            .await?
+            .is_some();
+        if exists {
+            report.present.push(row.id);
+            continue;
+        }
+        // Thorn's secrets were never empty; a NULL one is a broken row.
+        let mut problems = subscribers::problems(target, None, &row.changes).await?;
+        if row.changes.hmac_secret.is_none() {
+            problems.insert("hmac_secret".into(), vec!["is missing".into()]);
+        }
+        if !problems.is_empty() {
+            report.skipped.push(Skipped {
+                id: row.id,
+                problems,
+            });
+            continue;
+        }
+        if dry_run {
+            report.imported.push(row.id);
+            continue;
+        }
+        let c = &row.changes;
+        let owner: Option<&str> = c.owner.as_ref().and_then(|o| o.as_deref());
+        let secret: Option<&str> = c.hmac_secret.as_ref().map(|s| s.0.as_str());
+        let inserted = target
+            .execute(
+                "INSERT INTO thorn.subscriber
+                     (id, event, url, owner, hmac_secret, hmac_digest, content_type, hmac_signer, created_at)
+                 VALUES ($1, $2, $3, $4, $5, coalesce($6, 'sha256'), coalesce($7, 'application/json'),
+                         $8, coalesce($9::text::timestamptz, now()))
+                 ON CONFLICT (id) DO NOTHING",
+                &[
+                    &row.id,
+                    &c.event,
+                    &c.url,
+                    &owner,
+                    &secret,
+                    &c.hmac_digest,
+                    &c.content_type,
+                    &c.hmac_signer,
+                    &row.created_at,
+                ],
+            )
+            .await?;
+        if inserted == 1 {
+            report.imported.push(row.id);
+        } else {
+            report.present.push(row.id);
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_quoted_or_refused() {
+        assert_eq!(
+            quoted("webhooks_subscriber").ok().as_deref(),
+            Some("\"webhooks_subscriber\"")
+        );
+        assert_eq!(
+            quoted("app.hooks").ok().as_deref(),
+            Some("\"app\".\"hooks\"")
+        );
+        for bad in ["", "a.b.c", "x; DROP TABLE y", "\"q\"", "1abc"] {
+            assert!(quoted(bad).is_err(), "{bad}");
+        }
+    }
+}

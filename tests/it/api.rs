@@ -1,0 +1,593 @@
+//! The subscriptions REST API over real HTTP against a real database: two
+//! users, an admin, bad tokens, bad ids, bad input, the address guard, and a
+//! subscription made through the API receiving a signed delivery.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::support::{
+    api_config, free_port, python_sign, token, token_with, unix_now, wait_for_port, ApiServer,
+    Daemon, Receiver, TestDb, QUIET, WAIT,
+};
+
+struct Call {
+    http: reqwest::Client,
+    server: ApiServer,
+}
+
+impl Call {
+    async fn new(config: &thorn::config::Config) -> Call {
+        Call {
+            http: reqwest::Client::new(),
+            server: ApiServer::start(config).await,
+        }
+    }
+
+    /// Sends a request as `who` (None: no token); returns status and JSON.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        who: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, self.server.url(path));
+        if let Some(who) = who {
+            request = request.bearer_auth(token(who));
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, value)
+    }
+}
+
+/// Checks the one error shape and returns the field names.
+fn error_fields(body: &Value, code: &str) -> Vec<String> {
+    assert_eq!(body["error"], code, "{body}");
+    assert!(body["message"].is_string(), "{body}");
+    let fields = body["fields"].as_object().expect("fields object");
+    fields.keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn two_users_see_only_their_own_subscriptions() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+
+    let (status, created) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": "article.*", "url": "http://127.0.0.1:9/a"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    for key in [
+        "id",
+        "event",
+        "url",
+        "content_type",
+        "owner",
+        "hmac_secret",
+        "hmac_digest",
+        "created_at",
+        "updated_at",
+        "subscription",
+    ] {
+        assert!(created.get(key).is_some(), "{key} missing from {created}");
+    }
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert_eq!(created["owner"], "alice");
+    assert_eq!(created["hmac_digest"], "sha256");
+    assert_eq!(created["content_type"], "application/json");
+    assert_eq!(created["hmac_secret"].as_str().map(str::len), Some(64));
+    assert_eq!(
+        created["subscription"],
+        format!("{}/hooks/{id}/", api.server.base)
+    );
+    assert!(created["created_at"].as_str().expect("ts").ends_with('Z'));
+    let alices = format!("/hooks/{id}/");
+
+    let (status, bobs) = api
+        .send(
+            Method::POST,
+            "/hooks",
+            Some("bob"),
+            Some(
+                json!({"event": "*", "url": "http://127.0.0.1:9/b", "hmac_digest": "SHA512",
+                        "hmac_secret": "bobs-own-secret"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{bobs}");
+    assert_eq!(bobs["hmac_digest"], "sha512", "any case, stored lower-case");
+    assert_eq!(bobs["hmac_secret"], "bobs-own-secret");
+
+    // Lists are scoped.
+    let (status, list) = api.send(Method::GET, "/hooks/", Some("alice"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()]);
+    let (_, list) = api.send(Method::GET, "/hooks/", Some("carol"), None).await;
+    assert_eq!(list, json!([]));
+
+    // Bob can neither read, change nor delete Alice's subscription: 404,
+    // the same answer as for an id that does not exist.
+    for (method, body) in [
+        (Method::GET, None),
+        (
+            Method::PUT,
+            Some(json!({"event": "x", "url": "http://127.0.0.1:9/x"})),
+        ),
+        (
+            Method::PATCH,
+            Some(json!({"url": "http://127.0.0.1:9/stolen"})),
+        ),
+        (Method::PATCH, Some(json!({"event": "a..b"}))),
+        (Method::DELETE, None),
+    ] {
+        let (status, body) = api.send(method.clone(), &alices, Some("bob"), body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} by bob: {body}");
+        error_fields(&body, "not_found");
+    }
+    let (status, unknown) = api
+        .send(
+            Method::GET,
+            &format!("/hooks/{}/", uuid::Uuid::new_v4()),
+            Some("alice"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, bobs_try) = api.send(Method::GET, &alices, Some("bob"), None).await;
+    assert_eq!(
+        bobs_try, unknown,
+        "another owner's id looks exactly like an unknown one"
+    );
+
+    // Alice's row is untouched.
+    let (status, mine) = api.send(Method::GET, &alices, Some("alice"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(mine["url"], "http://127.0.0.1:9/a");
+    assert_eq!(
+        mine["hmac_secret"], created["hmac_secret"],
+        "GET shows the owner's secret"
+    );
+
+    // PATCH changes what it names; PUT needs event and url.
+    let (status, patched) = api
+        .send(
+            Method::PATCH,
+            &alices,
+            Some("alice"),
+            Some(json!({"event": "article.created", "ordered": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["event"], "article.created");
+    assert_eq!(patched["ordered"], true);
+    assert_eq!(patched["url"], "http://127.0.0.1:9/a");
+    assert_eq!(patched["created_at"], created["created_at"]);
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            &alices,
+            Some("alice"),
+            Some(json!({"event": "article.*"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_fields(&body, "invalid"), vec!["url"]);
+    let (status, put) = api
+        .send(
+            Method::PUT,
+            &alices,
+            Some("alice"),
+            Some(json!({"event": "article.*", "url": "http://127.0.0.1:9/put", "content_type": "application/x-www-form-urlencoded"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!(put["content_type"], "application/x-www-form-urlencoded");
+
+    // Nobody but an admin files a subscription under another name.
+    let (status, body) = api
+        .send(
+            Method::PATCH,
+            &alices,
+            Some("alice"),
+            Some(json!({"owner": "bob"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_fields(&body, "invalid"), vec!["owner"]);
+
+    // An admin sees and manages everything.
+    let admin = token_with("root", json!({"admin": true}));
+    let listed: Value = api
+        .http
+        .get(api.server.url("/hooks/"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("admin list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    let moved = api
+        .http
+        .patch(api.server.url(&alices))
+        .bearer_auth(&admin)
+        .json(&json!({"owner": "dave"}))
+        .send()
+        .await
+        .expect("admin patch");
+    assert_eq!(moved.status(), StatusCode::OK);
+    let (status, _) = api.send(Method::GET, &alices, Some("alice"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "now dave's");
+    let (status, _) = api.send(Method::GET, &alices, Some("dave"), None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // DELETE → 204, then it is gone.
+    let (status, body) = api.send(Method::DELETE, &alices, Some("dave"), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(body, Value::Null);
+    let (status, _) = api.send(Method::DELETE, &alices, Some("dave"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_checked() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    let http = &api.http;
+    let hooks = api.server.url("/hooks/");
+
+    let (status, body) = api.send(Method::GET, "/hooks/", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    error_fields(&body, "unauthorized");
+    let (status, _) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            None,
+            Some(json!({"event": "a", "url": "http://127.0.0.1:9/"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Even a malformed id answers 401 first: nothing is told before auth.
+    let (status, _) = api.send(Method::DELETE, "/hooks/nope/", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let wrong_key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "alice", "exp": unix_now() + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(b"some other secret entirely"),
+    )
+    .expect("token");
+    let expired = token_with("alice", json!({"exp": unix_now() - 3600}));
+    let wrong_issuer_is_fine_without_config = token_with("alice", json!({"iss": "x"}));
+    for (name, auth) in [
+        ("wrong key", format!("Bearer {wrong_key}")),
+        ("expired", format!("Bearer {expired}")),
+        ("garbage", "Bearer not-a-token".into()),
+        ("basic", "Basic YWxpY2U6cHc=".into()),
+        (
+            "alg none",
+            "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.".into(),
+        ),
+        ("no sub", format!("Bearer {}", token_with("", json!({})))),
+    ] {
+        let response = http
+            .get(&hooks)
+            .header("authorization", auth)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{name}");
+        assert_eq!(
+            response
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer")
+        );
+    }
+    let ok = http
+        .get(&hooks)
+        .bearer_auth(wrong_issuer_is_fine_without_config)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(ok.status(), StatusCode::OK);
+
+    // RS256 and ES256 with configured public keys.
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/keys");
+    let rsa = jsonwebtoken::EncodingKey::from_rsa_pem(
+        &std::fs::read(keys.join("rsa_private.pem")).expect("rsa key"),
+    )
+    .expect("rsa");
+    let rs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({"sub": "alice"}),
+        &rsa,
+    )
+    .expect("rs256");
+    let response = http
+        .get(&hooks)
+        .bearer_auth(&rs256)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK, "RS256");
+
+    let mut ec_config = api_config(&t);
+    ec_config.api.jwt_secret = None;
+    ec_config.api.jwt_public_key_file = Some(keys.join("ec_public.pem"));
+    let ec_api = ApiServer::start(&ec_config).await;
+    let ec = jsonwebtoken::EncodingKey::from_ec_pem(
+        &std::fs::read(keys.join("ec_private.pem")).expect("ec key"),
+    )
+    .expect("ec");
+    let es256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": "alice"}),
+        &ec,
+    )
+    .expect("es256");
+    let url = ec_api.url("/hooks/");
+    let response = http
+        .get(&url)
+        .bearer_auth(&es256)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK, "ES256");
+    // Without a configured HS256 secret, HS256 tokens are refused (no
+    // algorithm confusion with the public key).
+    let response = http
+        .get(&url)
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // The RSA key is not this server's.
+    let response = http
+        .get(&url)
+        .bearer_auth(&rs256)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn malformed_ids_are_404_never_500() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    let long = "a".repeat(5000);
+    for id in [
+        "not-a-uuid",
+        "123",
+        "00000000-0000-0000-0000-00000000000g",
+        "%00",
+        "%27%20OR%201=1--",
+        "{00000000-0000-0000-0000-000000000000}",
+        "00000000000000000000000000000000",
+        long.as_str(),
+    ] {
+        for method in [Method::GET, Method::PUT, Method::PATCH, Method::DELETE] {
+            let body = (method == Method::PUT || method == Method::PATCH)
+                .then(|| json!({"event": "a", "url": "http://127.0.0.1:9/"}));
+            let (status, body) = api
+                .send(
+                    method.clone(),
+                    &format!("/hooks/{id}/"),
+                    Some("alice"),
+                    body,
+                )
+                .await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} {id}: {body}");
+            error_fields(&body, "not_found");
+        }
+    }
+    let (status, body) = api.send(Method::GET, "/nowhere", Some("alice"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_fields(&body, "not_found");
+    let (status, body) = api
+        .send(Method::DELETE, "/hooks/", Some("alice"), None)
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    error_fields(&body, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn bad_input_names_every_field() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+
+    let (status, body) = api
+        .send(Method::POST, "/hooks/", Some("alice"), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_fields(&body, "invalid"), vec!["event", "url"]);
+    assert_eq!(body["fields"]["event"][0], "this field is required");
+
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({
+                "event": "article..created",
+                "url": "ftp://example.com/",
+                "hmac_digest": "md5",
+                "content_type": "text/plain",
+                "hmac_secret": "short",
+                "hmac_signer": "itsdangerous",
+                "ordered": "yes",
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        error_fields(&body, "invalid"),
+        vec![
+            "content_type",
+            "event",
+            "hmac_digest",
+            "hmac_secret",
+            "hmac_signer",
+            "ordered",
+            "url"
+        ]
+    );
+    // The messages are the database's own, the ones the trigger raises.
+    assert!(body["fields"]["hmac_digest"][0]
+        .as_str()
+        .expect("msg")
+        .contains("sha256"));
+
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": 5, "url": null})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_fields(&body, "invalid"), vec!["event", "url"]);
+
+    for raw in ["not json", "[1, 2]", ""] {
+        let response = api
+            .http
+            .post(api.server.url("/hooks/"))
+            .bearer_auth(token("alice"))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{raw:?}");
+        let body: Value = response.json().await.expect("json");
+        error_fields(&body, "bad_request");
+    }
+    let (_, list) = api.send(Method::GET, "/hooks/", Some("alice"), None).await;
+    assert_eq!(list, json!([]), "nothing was created");
+}
+
+#[tokio::test]
+async fn urls_the_address_guard_refuses_are_refused_at_subscribe_time() {
+    let t = TestDb::new().await;
+    let mut strict = api_config(&t);
+    strict.security.allowed.clear();
+    let api = Call::new(&strict).await;
+    for url in [
+        "http://127.0.0.1:8080/h",
+        "http://localhost:8080/h",
+        "http://[::1]/h",
+        "http://169.254.169.254/latest/meta-data",
+        "http://2130706433/",
+        "http://10.0.0.1/",
+    ] {
+        let (status, body) = api
+            .send(
+                Method::POST,
+                "/hooks/",
+                Some("alice"),
+                Some(json!({"event": "a", "url": url})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {body}");
+        assert_eq!(error_fields(&body, "invalid"), vec!["url"], "{url}");
+    }
+    // PATCH is checked the same way.
+    let db = t.client().await;
+    let id =
+        crate::support::subscribe(&db, "a", "https://example.com/h", Some("alice"), "secret").await;
+    let (status, body) = api
+        .send(
+            Method::PATCH,
+            &format!("/hooks/{id}/"),
+            Some("alice"),
+            Some(json!({"url": "http://127.0.0.1/"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // security.allow_networks lets them in (the tests' own config).
+    let open = Call::new(&api_config(&t)).await;
+    let (status, body) = open
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": "a", "url": "http://127.0.0.1:8080/h"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+#[tokio::test]
+async fn a_subscription_made_through_the_api_in_thorn_run_receives_signed_deliveries() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE public.article (id serial PRIMARY KEY, title text, author text);
+         SELECT thorn.webhook_model('public.article', sender_field => 'author',
+             reference => '/article/{id}/');",
+    )
+    .await
+    .expect("annotated table");
+    let mut rx = Receiver::start().await;
+    let mut config = api_config(&t);
+    let port = free_port();
+    config.api.listen = Some(([127, 0, 0, 1], port).into());
+    let daemon = Daemon::start(config);
+    wait_for_port(port).await;
+
+    let created: Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/hooks/"))
+        .bearer_auth(token("alice"))
+        .json(&json!({"event": "article.created", "url": rx.url("/alice"), "hmac_digest": "sha1"}))
+        .send()
+        .await
+        .expect("subscribe")
+        .json()
+        .await
+        .expect("json");
+    let secret = created["hmac_secret"].as_str().expect("secret").to_owned();
+
+    db.batch_execute(
+        "INSERT INTO article (title, author) VALUES ('mine', 'alice'), ('theirs', 'bob')",
+    )
+    .await
+    .expect("insert");
+    let got = rx.expect(1, WAIT, QUIET).await.remove(0);
+    assert_eq!(got.path, "/alice");
+    assert_eq!(
+        got.header("hook-subscription"),
+        created["id"].as_str().expect("id")
+    );
+    assert_eq!(got.json()["data"]["title"], "mine");
+    let expected = python_sign(&[("sha1", &secret, &got.body)]);
+    assert_eq!(got.header("hook-hmac"), expected[0]);
+    daemon.stop().await;
+}

@@ -1,0 +1,110 @@
+//! `thorn subscriber …` through the real binary, against a real database.
+
+use serde_json::Value;
+
+use crate::support::{thorn_cli, TestDb};
+
+#[tokio::test]
+async fn subscriber_commands_manage_the_table() {
+    let t = TestDb::new().await;
+    let url = &t.url;
+
+    let (code, out, err) = thorn_cli(
+        url,
+        &[
+            "subscriber",
+            "add",
+            "--json",
+            "--event",
+            "article.*",
+            "--url",
+            "https://example.com/hook",
+            "--owner",
+            "alice",
+            "--digest",
+            "SHA512",
+            "--signer",
+            "compat",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let added: Value = serde_json::from_str(&out).expect("json");
+    let id = added["id"].as_str().expect("id").to_owned();
+    assert_eq!(added["owner"], "alice");
+    assert_eq!(added["hmac_digest"], "sha512");
+    assert_eq!(added["hmac_signer"], "compat");
+    assert_eq!(added["hmac_secret"].as_str().map(str::len), Some(64));
+
+    let (code, out, _) = thorn_cli(url, &["subscriber", "list", "--json"]).await;
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert!(
+        list[0].get("hmac_secret").is_none(),
+        "list never prints secrets"
+    );
+    let (_, out, _) = thorn_cli(url, &["subscriber", "list", "--owner", "bob", "--json"]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("json"),
+        serde_json::json!([])
+    );
+    let (_, out, _) = thorn_cli(url, &["subscriber", "list"]).await;
+    assert!(
+        out.contains(&id)
+            && out.contains("article.*")
+            && !out.contains(added["hmac_secret"].as_str().expect("s"))
+    );
+
+    let (code, out, _) = thorn_cli(
+        url,
+        &[
+            "subscriber",
+            "disable",
+            &id,
+            "--reason",
+            "maintenance",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let disabled: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(disabled["active"], false);
+    assert_eq!(disabled["deactivated_reason"], "maintenance");
+    let (_, out, _) = thorn_cli(url, &["subscriber", "show", &id]).await;
+    assert!(out.contains("inactive (maintenance)"), "{out}");
+    let (_, out, _) = thorn_cli(url, &["subscriber", "enable", &id, "--json"]).await;
+    let enabled: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(enabled["active"], true);
+    assert_eq!(enabled["deactivated_reason"], Value::Null);
+
+    let (code, out, _) = thorn_cli(url, &["subscriber", "remove", &id]).await;
+    assert_eq!((code, out.trim()), (0, format!("removed {id}").as_str()));
+    let (code, _, err) = thorn_cli(url, &["subscriber", "show", &id]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no subscriber"), "{err}");
+    let (code, _, err) = thorn_cli(url, &["subscriber", "remove", "nope"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a subscriber id"), "{err}");
+
+    // Every bad field is named at once.
+    let (code, _, err) = thorn_cli(
+        url,
+        &[
+            "subscriber",
+            "add",
+            "--event",
+            "a..b",
+            "--url",
+            "ftp://x",
+            "--digest",
+            "md5",
+        ],
+    )
+    .await;
+    assert_ne!(code, 0);
+    for field in ["event:", "url:", "hmac_digest:"] {
+        assert!(err.contains(field), "{field} in {err}");
+    }
+}
