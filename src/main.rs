@@ -3,7 +3,7 @@
 //! the library.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::stdout;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,8 +12,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use thorn::cli;
 use thorn::config::{self, Config};
-use thorn::sign::{self, Digest, Signer};
+use thorn::sign::{Digest, Signer};
 
 /// Signed webhooks from PostgreSQL row changes.
 #[derive(Parser)]
@@ -40,43 +41,11 @@ enum Command {
         database: DatabaseCheck,
     },
     /// Show pending work, failures and deactivated subscribers
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status(cli::status::Args),
     /// Send dead deliveries again (all, one subscriber's, or since a time)
-    Retry {
-        /// Only this subscriber's
-        #[arg(long)]
-        subscriber: Option<uuid::Uuid>,
-        /// Only those that died since this time (RFC 3339) or age (2h)
-        #[arg(long, value_parser = thorn::operator::parse_time)]
-        since: Option<std::time::SystemTime>,
-        /// Only these deliveries
-        #[arg(long = "delivery")]
-        deliveries: Vec<uuid::Uuid>,
-        /// Required when no other filter is given
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Retry(cli::retry::Args),
     /// Deliver stored events to a subscriber again
-    Replay {
-        #[arg(long)]
-        subscriber: uuid::Uuid,
-        /// Event ids
-        #[arg(long = "event")]
-        events: Vec<i64>,
-        /// Events captured at or after this time (RFC 3339) or age (2h)
-        #[arg(long, value_parser = thorn::operator::parse_time)]
-        from: Option<std::time::SystemTime>,
-        /// Events captured before this time
-        #[arg(long, value_parser = thorn::operator::parse_time)]
-        to: Option<std::time::SystemTime>,
-        #[arg(long)]
-        json: bool,
-    },
+    Replay(cli::replay::Args),
     /// Run a receiver that verifies and prints deliveries
     Receive {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -92,28 +61,11 @@ enum Command {
         signer: Signer,
     },
     /// Manage subscribers in the database
-    Subscriber(thorn::cli::SubscriberArgs),
+    Subscriber(cli::subscriber::Args),
     /// Import subscribers from Thorn's Django table (webhooks_subscriber)
-    ImportThorn(thorn::cli::ImportThornArgs),
+    ImportThorn(cli::import_thorn::Args),
     /// Print the signature headers a body would carry
-    Sign {
-        #[arg(long, env = "THORN_SIGN_SECRET", hide_env_values = true)]
-        secret: String,
-        #[arg(long, default_value = "sha256")]
-        digest: Digest,
-        /// Hook-HMAC scheme: sign, or compat (Thorn's old default)
-        #[arg(long, default_value = "sign")]
-        signer: Signer,
-        /// The delivery id (webhook-id)
-        #[arg(long, default_value = "00000000-0000-0000-0000-000000000000")]
-        id: String,
-        /// Unix seconds (default: now)
-        #[arg(long)]
-        timestamp: Option<i64>,
-        /// File with the body, or - for standard input
-        #[arg(default_value = "-")]
-        body: PathBuf,
-    },
+    Sign(cli::sign::Args),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -254,12 +206,6 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
-async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    thorn::db::connect(&config.database_url.0)
-        .await
-        .context("connecting to the database")
-}
-
 async fn run(
     command: Command,
     config: Config,
@@ -268,7 +214,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            let mut client = connect(&config).await?;
+            let mut client = cli::connect(&config).await?;
             let applied = thorn::db::migrate::migrate(&mut client).await?;
             if applied.is_empty() {
                 println!(
@@ -296,68 +242,12 @@ async fn run(
             };
             thorn::daemon::run_with(config, shutdown_on_signals()?, ops).await
         }
-        Command::Status { json } => {
-            let db = connect(&config).await?;
-            let status = thorn::operator::status::collect(&db).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{status}");
-            }
-            Ok(())
-        }
-        Command::Retry {
-            subscriber,
-            since,
-            deliveries,
-            all,
-            json,
-        } => {
-            if !all && subscriber.is_none() && since.is_none() && deliveries.is_empty() {
-                anyhow::bail!("say which dead deliveries to retry: --all, --subscriber, --since or --delivery");
-            }
-            let selection = thorn::operator::retry::Selection {
-                subscriber,
-                since,
-                deliveries,
-            };
-            let db = connect(&config).await?;
-            let (requeued, skipped) = thorn::operator::retry::requeue(&db, &selection).await?;
-            if json {
-                let report = serde_json::json!({"requeued": requeued, "skipped_inactive": skipped});
-                println!("{report}");
-            } else {
-                println!("re-queued {} dead deliveries", requeued.len());
-                if skipped > 0 {
-                    println!("skipped {skipped} of inactive subscribers (enable them first)");
-                }
-            }
-            Ok(())
-        }
-        Command::Replay {
-            subscriber,
-            events,
-            from,
-            to,
-            json,
-        } => {
-            if events.is_empty() && from.is_none() && to.is_none() {
-                anyhow::bail!("say which events to replay: --event ID, --from or --to");
-            }
-            let db = connect(&config).await?;
-            let selection = thorn::operator::replay::Events {
-                ids: events,
-                from,
-                to,
-            };
-            let created = thorn::operator::replay::replay(&db, subscriber, &selection).await?;
-            if json {
-                println!("{}", serde_json::json!({"deliveries": created}));
-            } else {
-                println!("queued {} deliveries to {subscriber}", created.len());
-            }
-            Ok(())
-        }
+        Command::Status(args) => cli::status::run(&config, args, &mut stdout()).await,
+        Command::Retry(args) => cli::retry::run(&config, args, &mut stdout()).await,
+        Command::Replay(args) => cli::replay::run(&config, args, &mut stdout()).await,
+        Command::Subscriber(args) => cli::subscriber::run(&config, args, &mut stdout()).await,
+        Command::ImportThorn(args) => cli::import_thorn::run(&config, args, &mut stdout()).await,
+        Command::Sign(args) => cli::sign::run(args, &mut stdout()),
         Command::CheckConfig { .. } => Ok(()),
         Command::Receive {
             listen,
@@ -371,41 +261,6 @@ async fn run(
                 signer,
             };
             thorn::receive::serve(listen, receiver, shutdown_on_signals()?).await
-        }
-        Command::Subscriber(args) => {
-            thorn::cli::subscriber(&config, args, &mut std::io::stdout().lock()).await
-        }
-        Command::ImportThorn(args) => {
-            thorn::cli::import_thorn(&config, args, &mut std::io::stdout().lock()).await
-        }
-        Command::Sign {
-            secret,
-            digest,
-            signer,
-            id,
-            timestamp,
-            body,
-        } => {
-            let mut bytes = Vec::new();
-            if body.as_os_str() == "-" {
-                std::io::stdin().read_to_end(&mut bytes)?;
-            } else {
-                bytes =
-                    std::fs::read(&body).with_context(|| format!("reading {}", body.display()))?;
-            }
-            let timestamp = timestamp.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
-            });
-            println!("Hook-HMAC: {}", signer.hook_hmac(digest, &secret, &bytes));
-            println!("webhook-id: {id}");
-            println!("webhook-timestamp: {timestamp}");
-            println!(
-                "webhook-signature: {}",
-                sign::webhook_signature(&secret, &id, timestamp, &bytes)
-            );
-            Ok(())
         }
     }
 }

@@ -1,312 +1,81 @@
-//! Operator subcommands that work on the subscriber table directly:
-//! `thorn subscriber …` and `thorn import-thorn`. `main.rs` parses them with
-//! the types here and calls [`subscriber`] / [`import_thorn`]; output is
-//! text for people or, with `--json`, one JSON document for scripts.
+//! The operator's subcommands, one module each: `thorn subscriber`, `status`,
+//! `retry`, `replay`, `import-thorn`, `sign`. Each owns its clap arguments
+//! and a `run`; each prints text for people or, with `--json`, JSON for
+//! scripts, and none prints a secret or a URL's query string unless asked
+//! for that one subscriber.
 
-use std::io::Write;
+pub mod import_thorn;
+pub mod replay;
+pub mod retry;
+pub mod sign;
+pub mod status;
+pub mod subscriber;
 
-use anyhow::Context;
-use clap::{Args, Subcommand};
-use uuid::Uuid;
+use std::time::{Duration, SystemTime};
 
-use crate::config::Config;
-use crate::db::subscribers::{self, Changes, StoreError, Subscription};
-use crate::sign::{Secret, Signer};
-use crate::thorn_import;
-
-#[derive(Debug, Args)]
-pub struct SubscriberArgs {
-    /// Print JSON instead of text
-    #[arg(long, global = true)]
-    pub json: bool,
-    #[command(subcommand)]
-    pub command: SubscriberCommand,
+/// A point in time given as RFC 3339 (`2026-11-27T10:00:00Z`) or as an age
+/// (`2h` means two hours ago).
+pub fn parse_time(s: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s.trim()) {
+        return Ok(t);
+    }
+    humantime::parse_duration(s.trim())
+        .map(|age| SystemTime::now() - age)
+        .map_err(|_| format!("{s:?} is neither a time (2026-11-27T10:00:00Z) nor an age (2h)"))
 }
 
-#[derive(Debug, Subcommand)]
-pub enum SubscriberCommand {
-    /// Subscribe a URL to an event pattern; prints the new row with its secret
-    Add {
-        /// Event pattern, e.g. article.* (DESIGN.md §3)
-        #[arg(long)]
-        event: String,
-        #[arg(long)]
-        url: String,
-        /// Receives only events whose sender is this owner (none: only
-        /// events without a sender)
-        #[arg(long)]
-        owner: Option<String>,
-        /// HMAC secret (default: 64 random characters)
-        #[arg(long, env = "THORN_SUBSCRIBER_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        /// sha1, sha224, sha256, sha384 or sha512
-        #[arg(long)]
-        digest: Option<String>,
-        /// application/json or application/x-www-form-urlencoded
-        #[arg(long)]
-        content_type: Option<String>,
-        /// Hook-HMAC scheme: sign, or compat for Thorn's old default
-        #[arg(long)]
-        signer: Option<String>,
-        /// Deliver one at a time, in event order
-        #[arg(long)]
-        ordered: bool,
-    },
-    /// List subscribers (secrets are not shown)
-    List {
-        /// Only this owner's subscribers
-        #[arg(long)]
-        owner: Option<String>,
-    },
-    /// Show one subscriber, with its secret
-    Show { id: String },
-    /// Delete a subscriber and its pending deliveries
-    Remove { id: String },
-    /// Resume deliveries to a subscriber
-    Enable { id: String },
-    /// Stop deliveries to a subscriber
-    Disable {
-        id: String,
-        #[arg(long, default_value = "disabled by an operator")]
-        reason: String,
-    },
+/// A URL without its query and fragment, which may carry tokens.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => url.split(['?', '#']).next().unwrap_or("").to_owned(),
+    }
 }
 
-#[derive(Debug, Args)]
-pub struct ImportThornArgs {
-    /// Thorn's subscriber table ([schema.]name)
-    #[arg(long, default_value = "webhooks_subscriber")]
-    pub table: String,
-    /// The users table that user_id points to
-    #[arg(long, default_value = "auth_user")]
-    pub users_table: String,
-    /// The users column events carry as sender
-    #[arg(long, default_value = "username")]
-    pub username_column: String,
-    /// Use user_id itself (as text) as the owner, without a users table
-    #[arg(long, conflicts_with_all = ["users_table", "username_column"])]
-    pub owner_is_user_id: bool,
-    /// Hook-HMAC scheme for the imported subscribers: compat (Thorn's
-    /// default signer) or sign (if THORN_HMAC_SIGNER was sign)
-    #[arg(long, default_value = "compat")]
-    pub signer: Signer,
-    /// The database holding Thorn's table (default: database_url)
-    #[arg(long, env = "THORN_IMPORT_SOURCE_URL", hide_env_values = true)]
-    pub source_url: Option<String>,
-    /// Report what would be imported, change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Print the report as JSON
-    #[arg(long)]
-    pub json: bool,
+/// Seconds as a short human duration ("3m 20s").
+pub fn age(seconds: f64) -> String {
+    humantime::format_duration(Duration::from_secs(seconds.max(0.0) as u64)).to_string()
 }
 
-fn parse_id(raw: &str) -> anyhow::Result<Uuid> {
-    Uuid::try_parse(raw.trim()).with_context(|| format!("{raw:?} is not a subscriber id (a uuid)"))
-}
-
-fn missing(id: Uuid) -> anyhow::Error {
-    anyhow::anyhow!("no subscriber {id}")
-}
-
-/// Runs `thorn subscriber …`, writing to `out`.
-pub async fn subscriber(
-    config: &Config,
-    args: SubscriberArgs,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
-    let db = crate::db::connect(&config.database_url.0)
+/// A connection for a one-shot command.
+pub async fn connect(config: &crate::config::Config) -> anyhow::Result<tokio_postgres::Client> {
+    use anyhow::Context;
+    crate::db::connect(&config.database_url.0)
         .await
-        .context("connecting to the database")?;
-    let json = args.json;
-    match args.command {
-        SubscriberCommand::Add {
-            event,
-            url,
-            owner,
-            secret,
-            digest,
-            content_type,
-            signer,
-            ordered,
-        } => {
-            let changes = Changes {
-                event: Some(event),
-                url: Some(url),
-                owner: Some(owner),
-                hmac_secret: secret.map(Secret),
-                hmac_digest: digest,
-                content_type,
-                hmac_signer: signer,
-                ordered: Some(ordered),
-                active: None,
-            };
-            // Every bad field at once, from the database's own rules.
-            let problems = subscribers::problems(&db, None, &changes).await?;
-            if !problems.is_empty() {
-                return Err(StoreError::Invalid(problems).into());
-            }
-            let row = subscribers::insert(&db, &changes).await?;
-            print_one(out, &row, json)
-        }
-        SubscriberCommand::List { owner } => {
-            let mut rows = subscribers::list(&db, None).await?;
-            if let Some(owner) = owner {
-                rows.retain(|r| r.owner.as_deref() == Some(owner.as_str()));
-            }
-            print_list(out, &rows, json)
-        }
-        SubscriberCommand::Show { id } => {
-            let id = parse_id(&id)?;
-            let row = subscribers::get(&db, id, None)
-                .await?
-                .ok_or_else(|| missing(id))?;
-            print_one(out, &row, json)
-        }
-        SubscriberCommand::Remove { id } => {
-            let id = parse_id(&id)?;
-            if !subscribers::delete(&db, id, None).await? {
-                return Err(missing(id));
-            }
-            if json {
-                writeln!(out, "{}", serde_json::json!({ "id": id, "removed": true }))?;
-            } else {
-                writeln!(out, "removed {id}")?;
-            }
-            Ok(())
-        }
-        SubscriberCommand::Enable { id } => {
-            let id = parse_id(&id)?;
-            let row = subscribers::set_active(&db, id, true, None)
-                .await?
-                .ok_or_else(|| missing(id))?;
-            print_one(out, &row, json)
-        }
-        SubscriberCommand::Disable { id, reason } => {
-            let id = parse_id(&id)?;
-            let row = subscribers::set_active(&db, id, false, Some(&reason))
-                .await?
-                .ok_or_else(|| missing(id))?;
-            print_one(out, &row, json)
-        }
-    }
+        .context("connecting to the database")
 }
 
-fn print_one(out: &mut impl Write, row: &Subscription, json: bool) -> anyhow::Result<()> {
-    if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(row)?)?;
-        return Ok(());
-    }
-    let owner = row
-        .owner
-        .as_deref()
-        .unwrap_or("(none: only events without a sender)");
-    let state = match (&row.active, &row.deactivated_reason) {
-        (true, _) => "active".to_owned(),
-        (false, Some(reason)) => format!("inactive ({reason})"),
-        (false, None) => "inactive".to_owned(),
-    };
-    writeln!(out, "id:           {}", row.id)?;
-    writeln!(out, "event:        {}", row.event)?;
-    writeln!(out, "url:          {}", row.url)?;
-    writeln!(out, "owner:        {owner}")?;
-    writeln!(out, "state:        {state}")?;
-    writeln!(out, "content_type: {}", row.content_type)?;
-    writeln!(out, "hmac_digest:  {}", row.hmac_digest)?;
-    writeln!(out, "hmac_signer:  {}", row.hmac_signer)?;
-    writeln!(out, "hmac_secret:  {}", row.hmac_secret.0)?;
-    writeln!(out, "ordered:      {}", row.ordered)?;
-    writeln!(out, "created_at:   {}", row.created_at)?;
-    writeln!(out, "updated_at:   {}", row.updated_at)?;
-    Ok(())
-}
-
-fn print_list(out: &mut impl Write, rows: &[Subscription], json: bool) -> anyhow::Result<()> {
-    if json {
-        let mut values = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut value = serde_json::to_value(row)?;
-            if let Some(object) = value.as_object_mut() {
-                object.remove("hmac_secret");
-            }
-            values.push(value);
-        }
-        writeln!(out, "{}", serde_json::to_string_pretty(&values)?)?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "{:<36}  {:<8}  {:<16}  {:<24}  URL",
-        "ID", "STATE", "OWNER", "EVENT"
-    )?;
-    for row in rows {
-        writeln!(
-            out,
-            "{:<36}  {:<8}  {:<16}  {:<24}  {}",
-            row.id,
-            if row.active { "active" } else { "inactive" },
-            row.owner.as_deref().unwrap_or("-"),
-            row.event,
-            row.url
-        )?;
-    }
-    Ok(())
-}
-
-/// Runs `thorn import-thorn`, writing the report to `out`.
-pub async fn import_thorn(
-    config: &Config,
-    args: ImportThornArgs,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
-    let target = crate::db::connect(&config.database_url.0)
+/// Wakes sleeping daemons after an operator queued work.
+pub async fn wake_daemons(db: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    db.batch_execute(&format!("NOTIFY {}", crate::db::listen::CHANNEL))
         .await
-        .context("connecting to the database")?;
-    let source_db = match &args.source_url {
-        Some(url) => Some(
-            crate::db::connect(url)
-                .await
-                .context("connecting to the source database")?,
-        ),
-        None => None,
-    };
-    let source = thorn_import::Source {
-        table: args.table,
-        users: (!args.owner_is_user_id).then_some(args.users_table),
-        username_column: args.username_column,
-        signer: args.signer,
-    };
-    let report = thorn_import::import(
-        source_db.as_ref().unwrap_or(&target),
-        &target,
-        &source,
-        args.dry_run,
-    )
-    .await?;
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-    } else {
-        let verb = if args.dry_run {
-            "would import"
-        } else {
-            "imported"
-        };
-        writeln!(
-            out,
-            "{verb} {}, already present {}, skipped {} (hmac_signer = {})",
-            report.imported.len(),
-            report.present.len(),
-            report.skipped.len(),
-            source.signer.as_str()
-        )?;
-        for skipped in &report.skipped {
-            let reasons: Vec<String> = skipped
-                .problems
-                .iter()
-                .map(|(f, m)| format!("{f}: {}", m.join("; ")))
-                .collect();
-            writeln!(out, "  skipped {}: {}", skipped.id, reasons.join(", "))?;
-        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_ages() {
+        assert!(parse_time("2026-11-27T10:00:00Z").is_ok());
+        let two_hours_ago = parse_time("2h").expect("age");
+        let elapsed = SystemTime::now()
+            .duration_since(two_hours_ago)
+            .expect("past");
+        assert!(elapsed >= Duration::from_secs(7200) && elapsed < Duration::from_secs(7260));
+        assert!(parse_time("yesterday-ish").is_err());
     }
-    Ok(())
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(
+            redact_url("https://u:pw@e.com/h?token=abc#x"),
+            "https://u@e.com/h"
+        );
+    }
 }

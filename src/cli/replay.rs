@@ -1,10 +1,53 @@
 //! `thorn replay`: delivers stored events to a subscriber again, as new
 //! deliveries (new ids), whether or not they matched it the first time.
 
+use std::io::Write;
 use std::time::SystemTime;
 
 use tokio_postgres::Client;
 use uuid::Uuid;
+
+use crate::config::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub subscriber: Uuid,
+    /// Event ids
+    #[arg(long = "event")]
+    pub events: Vec<i64>,
+    /// Events captured at or after this time (RFC 3339) or age (2h)
+    #[arg(long, value_parser = super::parse_time)]
+    pub from: Option<SystemTime>,
+    /// Events captured before this time
+    #[arg(long, value_parser = super::parse_time)]
+    pub to: Option<SystemTime>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::Result<()> {
+    if args.events.is_empty() && args.from.is_none() && args.to.is_none() {
+        anyhow::bail!("say which events to replay: --event ID, --from or --to");
+    }
+    let selection = Events {
+        ids: args.events,
+        from: args.from,
+        to: args.to,
+    };
+    let created = replay(&super::connect(config).await?, args.subscriber, &selection).await?;
+    if args.json {
+        writeln!(out, "{}", serde_json::json!({"deliveries": created}))?;
+    } else {
+        writeln!(
+            out,
+            "queued {} deliveries to {}",
+            created.len(),
+            args.subscriber
+        )?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

@@ -1,9 +1,58 @@
 //! `thorn retry`: sends dead deliveries again, with a fresh retry schedule.
 
+use std::io::Write;
 use std::time::SystemTime;
 
 use tokio_postgres::Client;
 use uuid::Uuid;
+
+use crate::config::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only this subscriber's
+    #[arg(long)]
+    pub subscriber: Option<Uuid>,
+    /// Only those that died since this time (RFC 3339) or age (2h)
+    #[arg(long, value_parser = super::parse_time)]
+    pub since: Option<SystemTime>,
+    /// Only these deliveries
+    #[arg(long = "delivery")]
+    pub deliveries: Vec<Uuid>,
+    /// Required when no other filter is given
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::Result<()> {
+    if !args.all && args.subscriber.is_none() && args.since.is_none() && args.deliveries.is_empty()
+    {
+        anyhow::bail!(
+            "say which dead deliveries to retry: --all, --subscriber, --since or --delivery"
+        );
+    }
+    let selection = Selection {
+        subscriber: args.subscriber,
+        since: args.since,
+        deliveries: args.deliveries,
+    };
+    let (requeued, skipped) = requeue(&super::connect(config).await?, &selection).await?;
+    if args.json {
+        let report = serde_json::json!({"requeued": requeued, "skipped_inactive": skipped});
+        writeln!(out, "{report}")?;
+    } else {
+        writeln!(out, "re-queued {} dead deliveries", requeued.len())?;
+        if skipped > 0 {
+            writeln!(
+                out,
+                "skipped {skipped} of inactive subscribers (enable them first)"
+            )?;
+        }
+    }
+    Ok(())
+}
 
 /// Which dead deliveries to re-queue; every field narrows the selection.
 #[derive(Debug, Default, Clone)]

@@ -5,12 +5,16 @@
 //! Thorn's `uuid` becomes thorn's `id`, so `Hook-Subscription` stays the
 //! same for consumers and a second run imports nothing twice. The owner is
 //! the user's username (Thorn's `sender`). Rows the database refuses are
-//! reported and skipped; the others are imported.
+//! reported and skipped; the others are imported. `thorn import-thorn`.
 
+use std::io::Write;
+
+use anyhow::Context;
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use crate::config::Config;
 use crate::db::subscribers::{self, Changes, FieldErrors};
 use crate::sign::{Secret, Signer};
 
@@ -213,4 +217,87 @@ mod tests {
             assert!(quoted(bad).is_err(), "{bad}");
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Thorn's subscriber table ([schema.]name)
+    #[arg(long, default_value = "webhooks_subscriber")]
+    pub table: String,
+    /// The users table that user_id points to
+    #[arg(long, default_value = "auth_user")]
+    pub users_table: String,
+    /// The users column events carry as sender
+    #[arg(long, default_value = "username")]
+    pub username_column: String,
+    /// Use user_id itself (as text) as the owner, without a users table
+    #[arg(long, conflicts_with_all = ["users_table", "username_column"])]
+    pub owner_is_user_id: bool,
+    /// Hook-HMAC scheme for the imported subscribers: compat (Thorn's
+    /// default signer) or sign (if THORN_HMAC_SIGNER was sign)
+    #[arg(long, default_value = "compat")]
+    pub signer: Signer,
+    /// The database holding Thorn's table (default: database_url)
+    #[arg(long, env = "THORN_IMPORT_SOURCE_URL", hide_env_values = true)]
+    pub source_url: Option<String>,
+    /// Report what would be imported, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `thorn import-thorn`, writing the report to `out`.
+pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::Result<()> {
+    let target = crate::db::connect(&config.database_url.0)
+        .await
+        .context("connecting to the database")?;
+    let source_db = match &args.source_url {
+        Some(url) => Some(
+            crate::db::connect(url)
+                .await
+                .context("connecting to the source database")?,
+        ),
+        None => None,
+    };
+    let source = Source {
+        table: args.table,
+        users: (!args.owner_is_user_id).then_some(args.users_table),
+        username_column: args.username_column,
+        signer: args.signer,
+    };
+    let report = import(
+        source_db.as_ref().unwrap_or(&target),
+        &target,
+        &source,
+        args.dry_run,
+    )
+    .await?;
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        let verb = if args.dry_run {
+            "would import"
+        } else {
+            "imported"
+        };
+        writeln!(
+            out,
+            "{verb} {}, already present {}, skipped {} (hmac_signer = {})",
+            report.imported.len(),
+            report.present.len(),
+            report.skipped.len(),
+            source.signer.as_str()
+        )?;
+        for skipped in &report.skipped {
+            let reasons: Vec<String> = skipped
+                .problems
+                .iter()
+                .map(|(f, m)| format!("{f}: {}", m.join("; ")))
+                .collect();
+            writeln!(out, "  skipped {}: {}", skipped.id, reasons.join(", "))?;
+        }
+    }
+    Ok(())
 }

@@ -1,8 +1,12 @@
 //! `thorn status`: what is waiting, what failed, who is switched off.
 
+use std::io::Write;
+
 use serde::Serialize;
 use tokio_postgres::Client;
 use uuid::Uuid;
+
+use crate::config::Config;
 
 use super::{age, redact_url};
 
@@ -31,6 +35,22 @@ pub struct Subscriber {
     pub url: String,
     pub failing_since: Option<String>,
     pub deactivated_reason: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::Result<()> {
+    let status = collect(&super::connect(config).await?).await?;
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+    } else {
+        write!(out, "{status}")?;
+    }
+    Ok(())
 }
 
 pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
