@@ -6,8 +6,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::support::{
-    api_config, free_port, python_sign, token, token_with, unix_now, wait_for_port, ApiServer,
-    Daemon, Receiver, TestDb, QUIET, WAIT,
+    api_config, article_table, free_port, python_sign, token, token_with, unix_now, wait_for_port,
+    ApiServer, Daemon, Receiver, TestDb, QUIET, WAIT,
 };
 
 struct Call {
@@ -549,13 +549,7 @@ async fn urls_the_address_guard_refuses_are_refused_at_subscribe_time() {
 async fn a_subscription_made_through_the_api_in_thorn_run_receives_signed_deliveries() {
     let t = TestDb::new().await;
     let db = t.client().await;
-    db.batch_execute(
-        "CREATE TABLE public.article (id serial PRIMARY KEY, title text, author text);
-         SELECT thorn.webhook_model('public.article', sender_field => 'author',
-             reference => '/article/{id}/');",
-    )
-    .await
-    .expect("annotated table");
+    article_table(&db).await;
     let mut rx = Receiver::start().await;
     let mut config = api_config(&t);
     let port = free_port();

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use tokio::process::{Child, Command};
 
-use crate::support::{free_port, unix_now, Daemon, Received, Receiver, TestDb, WAIT};
+use crate::support::{
+    article_table, free_port, unix_now, Daemon, Received, Receiver, TestDb, WAIT,
+};
 
 struct Snippet {
     name: &'static str,
@@ -127,13 +129,7 @@ async fn check(s: Snippet) {
     }
     let t = TestDb::new().await;
     let db = t.client().await;
-    db.batch_execute(
-        "CREATE TABLE public.article (id serial PRIMARY KEY, title text, author text);
-         SELECT thorn.webhook_model('public.article', sender_field => 'author',
-             reference => '/article/{id}/');",
-    )
-    .await
-    .expect("annotated table");
+    article_table(&db).await;
     // A secret as the database makes them: Thorn's alphabet, punctuation too.
     let secret: String = db
         .query_one("SELECT thorn.random_secret()", &[])

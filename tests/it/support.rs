@@ -739,3 +739,15 @@ print(base64.urlsafe_b64encode(hmac.new(derived, msg, h).digest()).rstrip(b"=").
         .trim()
         .to_owned()
 }
+
+/// `public.article (id, title, author)`, annotated with author as the
+/// sender and `/article/{id}/` as the reference.
+pub async fn article_table(db: &Client) {
+    db.batch_execute(
+        "CREATE TABLE public.article (id serial PRIMARY KEY, title text, author text);
+         SELECT thorn.webhook_model('public.article', sender_field => 'author',
+             reference => '/article/{id}/');",
+    )
+    .await
+    .expect("annotated table");
+}

@@ -2,7 +2,9 @@
 //! (`webhooks_subscriber` + `auth_user`), and the imported subscribers
 //! receiving deliveries that their existing consumers can verify.
 
-use crate::support::{python_compat_sign, thorn_cli, Daemon, Receiver, TestDb, QUIET, WAIT};
+use crate::support::{
+    article_table, python_compat_sign, thorn_cli, Daemon, Receiver, TestDb, QUIET, WAIT,
+};
 
 const ALICE: &str = "11111111-1111-4111-8111-111111111111";
 const BOB: &str = "22222222-2222-4222-8222-222222222222";
@@ -144,13 +146,7 @@ async fn imports_a_thorn_table_and_the_subscribers_verify_deliveries() {
 
     // Deliveries: Alice's article goes to Alice only (sender rule); an
     // article without an author goes to every matching subscriber.
-    db.batch_execute(
-        "CREATE TABLE public.article (id serial PRIMARY KEY, title text, author text);
-         SELECT thorn.webhook_model('public.article', sender_field => 'author',
-             reference => '/article/{id}/');",
-    )
-    .await
-    .expect("annotated table");
+    article_table(&db).await;
     let daemon = Daemon::start(t.config());
     db.batch_execute("INSERT INTO article (title, author) VALUES ('by alice', 'alice')")
         .await
