@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 type RawConnection = Connection<Socket, tokio_postgres::tls::NoTlsStream>;
 
-/// Parses a connection string (URL or key=value) and names the session
-/// `thorn` unless the string already chose an application_name.
+/// Parses a connection string (URL or key=value) and fills what it left
+/// unset: application_name `thorn`, a connect timeout, and keepalives.
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
     let mut config: tokio_postgres::Config = url.parse()?;
     if config.get_application_name().is_none() {
@@ -25,6 +25,21 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Er
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
+    }
+    // A connection that dies without a reset (a vanished host, a dropped
+    // NAT entry) must fail within a minute, not hang a task for the kernel's
+    // two-hour keepalive or fifteen-minute retransmission defaults.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(60));
     }
     Ok(config)
 }
