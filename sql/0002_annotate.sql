@@ -134,7 +134,8 @@ $$;
 -- Inside, the rows are visible as `new` and `old` (so that conditions read
 -- like a row trigger's NEW.state), each with an extra column thorn__row that
 -- holds to_jsonb of the row: payload, reference, sender and watch all read
--- from it, so the row is converted to JSON once.
+-- from it, so the row is converted to JSON once (OFFSET 0 keeps the planner
+-- from inlining the subquery and computing to_jsonb at every use).
 CREATE FUNCTION thorn._capture_select(tbl regclass, op text, new_rel text, old_rel text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -176,8 +177,8 @@ BEGIN
     -- thorn__t.* (not a bare alias such as t): a column named like the
     -- alias would otherwise win, and to_jsonb(t) would render that column.
     source := CASE op
-        WHEN 'create' THEN format('(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS new', new_rel)
-        WHEN 'delete' THEN format('(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS old', old_rel)
+        WHEN 'create' THEN format('(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t OFFSET 0) AS new', new_rel)
+        WHEN 'delete' THEN format('(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t OFFSET 0) AS old', old_rel)
     END;
     IF op = 'change' THEN
         -- Transition tables do not pair old and new rows: pair them on the
@@ -185,8 +186,8 @@ BEGIN
         -- counts as changed, with NULLs for old.
         key := thorn._primary_key(tbl);
         source := format(
-            '(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS new '
-            'LEFT JOIN (SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t) AS old ON %s',
+            '(SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t OFFSET 0) AS new '
+            'LEFT JOIN (SELECT thorn__t.*, to_jsonb(thorn__t.*) AS thorn__row FROM %s AS thorn__t OFFSET 0) AS old ON %s',
             new_rel, old_rel,
             (SELECT string_agg(format('old.thorn__row->%1$L = new.thorn__row->%1$L', k), ' AND ')
              FROM unnest(key) AS k));
