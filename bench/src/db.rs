@@ -90,6 +90,25 @@ impl Scratch {
     }
 }
 
+/// Drops every database this process created (after a failed run).
+pub async fn drop_leftovers(admin_url: &str) -> anyhow::Result<()> {
+    let admin = connect(admin_url).await?;
+    let pattern = format!("thorn\\_bench\\_%\\_{}", std::process::id());
+    let rows = admin
+        .query(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE $1",
+            &[&pattern],
+        )
+        .await?;
+    for row in rows {
+        let name: String = row.try_get(0)?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    }
+    Ok(())
+}
+
 /// Installs thorn's schema with `thorn migrate`, as an operator would.
 pub async fn migrate(thorn: &Path, config: &Path) -> anyhow::Result<()> {
     let out = tokio::process::Command::new(thorn)

@@ -67,6 +67,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let result = run_scenarios(&cli).await;
+    // Whatever happened, leave none of this run's databases behind.
+    if let Err(error) = db::drop_leftovers(&cli.database_url).await {
+        eprintln!("thorn-bench: could not drop this run's databases: {error:#}");
+    }
+    result
+}
+
+async fn run_scenarios(cli: &Cli) -> anyhow::Result<()> {
     let began = Instant::now();
     let only =
         |name: &str| cli.only.is_empty() || cli.only.iter().any(|o| o.eq_ignore_ascii_case(name));

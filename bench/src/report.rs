@@ -21,6 +21,7 @@ pub struct Meta {
     pub command: String,
     pub quick: bool,
     pub date: String,
+    pub commit: String,
     pub cpu: String,
     pub cores: usize,
     pub memory_gib: f64,
@@ -51,6 +52,12 @@ impl Meta {
             .await
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
+        let commit = tokio::process::Command::new("git")
+            .args(["log", "-1", "--format=%h %s"])
+            .output()
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
         let cpuinfo = read("/proc/cpuinfo");
         let cpu = cpuinfo
             .lines()
@@ -66,6 +73,7 @@ impl Meta {
             command: String::new(),
             quick,
             date,
+            commit,
             cpu,
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
             memory_gib,
@@ -136,6 +144,7 @@ pub fn markdown(
         meta.elapsed.as_secs_f64()
     ));
     line(format!("- command: `{}`", meta.command));
+    line(format!("- code: {}", meta.commit));
     line(format!(
         "- machine: {} cores ({}), {:.1} GiB memory, Linux {}",
         meta.cores, meta.cpu, meta.memory_gib, meta.kernel
@@ -404,7 +413,7 @@ pub fn chart(path: &Path, write: &WriteResults, engine: Option<&Results>) -> any
                 .position(|v| v == variant)
                 .unwrap_or(0);
             bars.push((
-                format!("{scenario:?} {}", variant.short()),
+                format!("{scenario:?} {}", variant.tiny()),
                 r.ratio.median(),
                 r.ratio.min(),
                 r.ratio.max(),
@@ -429,18 +438,18 @@ pub fn chart(path: &Path, write: &WriteResults, engine: Option<&Results>) -> any
             }
         };
         add("E1 thorn", &e.e1_rate, 3);
-        add("E1 raw reqwest", &e.e1_raw, 0);
-        add("E3 fan-out", &e.e3_rate, 3);
-        add("E4 backlog", &e.e4_rate, 3);
-        add("E5 99 alone", &e.e5_without, 3);
-        add("E5 99 + hang", &e.e5_with, 4);
+        add("E1 raw", &e.e1_raw, 0);
+        add("E3", &e.e3_rate, 3);
+        add("E4", &e.e4_rate, 3);
+        add("E5 alone", &e.e5_without, 3);
+        add("E5 +hang", &e.e5_with, 4);
         for (k, r) in &e.e6 {
             add(&format!("E6 ×{k}"), r, 2);
         }
     }
     bar_panel(
         &panels[1],
-        "Delivery throughput, deliveries/s (median, min–max whiskers; dashed: 5,000/s target)",
+        "Deliveries/s (median, min–max whiskers; dashed: 5,000/s target). E1 raw: reqwest alone; E5: the 99 healthy subscribers; E6 ×k: k daemons",
         "deliveries/s",
         &bars,
         &[5000.0],
@@ -482,7 +491,7 @@ fn bar_panel<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 15))
         .margin(12)
-        .x_label_area_size(70)
+        .x_label_area_size(30)
         .y_label_area_size(70)
         .build_cartesian_2d((0..n).into_segmented(), 0f64..top)
         .map_err(plot_error)?;

@@ -62,6 +62,17 @@ impl Variant {
         }
     }
 
+    /// For chart labels.
+    pub fn tiny(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Notify => "NOTIFY",
+            Variant::EventLog => "log",
+            Variant::Thorn => "thorn",
+            Variant::ThornWaiter => "th+wait",
+        }
+    }
+
     fn table(self) -> &'static str {
         match self {
             Variant::Plain => "w_plain",
