@@ -50,7 +50,7 @@ struct Cli {
     /// Repetitions of each delivery scenario (default 3, quick 1).
     #[arg(long)]
     runs: Option<usize>,
-    /// Rounds of the write-path comparison (default 5, quick 1).
+    /// Rounds of the write-path comparison (default 7 of 4 s per variant, quick 1 of 1 s).
     #[arg(long)]
     rounds: Option<usize>,
 }
@@ -67,7 +67,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let result = run_scenarios(&cli).await;
+    // On Ctrl-C or SIGTERM the scenario future is dropped, which kills the
+    // daemons it started (kill_on_drop); then the databases go too.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let result = tokio::select! {
+        result = run_scenarios(&cli) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
+    };
     // Whatever happened, leave none of this run's databases behind.
     if let Err(error) = db::drop_leftovers(&cli.database_url).await {
         eprintln!("thorn-bench: could not drop this run's databases: {error:#}");
@@ -97,10 +105,12 @@ async fn run_scenarios(cli: &Cli) -> anyhow::Result<()> {
             preload: 1000,
         }
     } else {
+        // Short slices, many rounds: the variants of one round see the same
+        // machine, which matters more than long runs on a noisy one.
         write_path::Scale {
-            seconds: 10,
-            rounds: 5,
-            bulk_statements: 10,
+            seconds: 4,
+            rounds: 7,
+            bulk_statements: 5,
             preload: 10_000,
         }
     };
