@@ -506,11 +506,14 @@ fn bar_panel<DB: DrawingBackend>(
             }
             SegmentValue::Last => String::new(),
         })
-        .x_label_style(
-            ("sans-serif", 11)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .x_label_style(("sans-serif", 11).into_font())
+        .y_label_formatter(&|v| {
+            if top > 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            }
+        })
         .y_desc(y_desc)
         .draw()
         .map_err(plot_error)?;
