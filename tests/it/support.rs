@@ -41,18 +41,12 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let name = format!("thorn_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = connect(&base_url()).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create the test database");
-        let url = with_database(&base_url(), &name);
-        let mut client = connect(&url).await;
+        let db = TestDb::empty().await;
+        let mut client = connect(&db.url).await;
         thorn::db::migrate::migrate(&mut client)
             .await
             .expect("migrate");
-        TestDb { url, name }
+        db
     }
 
     pub async fn client(&self) -> Client {
