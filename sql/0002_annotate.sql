@@ -83,6 +83,8 @@ BEGIN
 END
 $$;
 
+-- (0006_wakeup.sql replaces _capture_select and _install below.)
+
 -- SQL text for a reference template such as '/article/{id}/'. A NULL column
 -- value renders as an empty string.
 CREATE FUNCTION thorn._reference_sql(tbl regclass, row_expr text, template text) RETURNS text

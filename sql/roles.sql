@@ -26,5 +26,3 @@ GRANT SELECT ON thorn.subscriber TO :"daemon";
 GRANT UPDATE (active, deactivated_reason, failing_since) ON thorn.subscriber TO :"daemon";
 -- Changing a subscriber bumps the version that daemons cache against.
 GRANT SELECT, UPDATE ON thorn.subscriber_version TO :"daemon";
--- Wake-up registration (DESIGN.md §4).
-GRANT SELECT, INSERT, DELETE ON thorn.waiter TO :"daemon";

@@ -6,9 +6,10 @@
 //! daemon dying mid-batch rolls the transaction back: nothing is lost.
 //!
 //! It also owns the wake-up protocol of DESIGN.md §4: while work keeps
-//! coming it polls; once the outbox has been dry for `linger` it registers
-//! as a waiter (so writers start to NOTIFY), sweeps once more, and sleeps
-//! until a NOTIFY or the safety poll.
+//! coming it polls; once the outbox has been dry for `linger` it takes the
+//! wake-up lock (so writers start to NOTIFY), sweeps once more, and sleeps
+//! until a NOTIFY or the safety poll. When the lock is taken, it naps
+//! briefly and tries again (see [`ARM_RETRY`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,13 @@ const MAX_DELIVERIES_PER_BATCH: usize = 10_000;
 
 /// How often the outbox is polled while lingering.
 const LINGER_POLL: Duration = Duration::from_millis(2);
+
+/// Naps between tries at the wake-up lock, doubling from the first to the
+/// last. The lock is busy while writers that captured events are still in
+/// their transactions (usually a moment), or while another daemon sleeps
+/// holding it (its wake-up NOTIFY reaches this daemon too, so a long nap
+/// costs nothing then).
+const ARM_RETRY: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(500));
 
 pub struct Dispatcher {
     pub url: String,
@@ -65,9 +73,9 @@ impl Dispatcher {
         shutdown: &CancellationToken,
     ) -> Result<(), tokio_postgres::Error> {
         let statements = queue::Statements::prepare(&client).await?;
-        queue::forget_dead_waiters(&client).await?;
         let mut matcher = Matcher::default();
         let mut last_work = Instant::now();
+        let mut arm_retry = ARM_RETRY.0;
         loop {
             self.probe.beat();
             if shutdown.is_cancelled() {
@@ -91,20 +99,35 @@ impl Dispatcher {
             }
             // Dry for a while: ask writers to notify, then sweep once more
             // for anything committed before they could see the request.
-            queue::arm_wakeup(&client).await?;
+            let armed = queue::arm_wakeup(&client).await?;
+            let mut woken = true;
             if self
                 .dispatch_batch(&mut client, &statements, &mut matcher)
                 .await?
                 == 0
             {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                    _ = shutdown.cancelled() => {}
-                }
+                let nap = if armed {
+                    self.settings.poll_interval
+                } else {
+                    let nap = arm_retry.min(self.settings.poll_interval);
+                    arm_retry = (arm_retry * 2).min(ARM_RETRY.1);
+                    nap
+                };
+                woken = tokio::select! {
+                    _ = self.wake.notified() => true,
+                    _ = tokio::time::sleep(nap) => armed,
+                    _ = shutdown.cancelled() => true,
+                };
             }
-            queue::disarm_wakeup(&client).await?;
-            last_work = Instant::now();
+            if armed {
+                queue::disarm_wakeup(&client).await?;
+            }
+            // Woken (or swept something): linger again. A nap without the
+            // lock that ran out goes straight back to trying it.
+            if woken {
+                arm_retry = ARM_RETRY.0;
+                last_work = Instant::now();
+            }
         }
     }
 

@@ -143,24 +143,30 @@ impl Daemon {
     }
 }
 
-/// Waits until `n` daemons are asleep on the outbox (each registered in
-/// thorn.waiter after its start-up sweep), or fails after `limit`.
-pub async fn wait_idle(
-    client: &tokio_postgres::Client,
-    n: i64,
-    limit: Duration,
-) -> anyhow::Result<()> {
+/// The advisory lock a sleeping daemon holds (thorn's sql/0006_wakeup.sql).
+pub const WAKEUP_LOCK: (i32, i32) = (1_953_001_330, 1);
+
+/// Waits until a daemon is asleep on the outbox (holding the wake-up lock
+/// after its start-up sweep), or fails after `limit`.
+pub async fn wait_idle(client: &tokio_postgres::Client, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let waiting: i64 = client
-            .query_one("SELECT count(*) FROM thorn.waiter", &[])
+        let asleep: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks
+                                WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'
+                                  AND classid = $1::int8::oid AND objid = $2::int8::oid
+                                  AND objsubid = 2 AND database = (SELECT oid FROM pg_database
+                                                                   WHERE datname = current_database()))",
+                &[&i64::from(WAKEUP_LOCK.0), &i64::from(WAKEUP_LOCK.1)],
+            )
             .await?
             .try_get(0)?;
-        if waiting >= n {
+        if asleep {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("{n} daemon(s) not idle after {limit:?} ({waiting} waiting)");
+            bail!("no daemon idle after {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

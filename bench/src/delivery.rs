@@ -238,7 +238,7 @@ pub async fn run_all(
 async fn e1(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
     let setup = env.setup("e1", 1, false).await?;
     let mut d = [env.spawn(&setup, "e1")?];
-    daemon::wait_idle(&setup.client, 1, Duration::from_secs(20)).await?;
+    daemon::wait_idle(&setup.client, Duration::from_secs(20)).await?;
     r.e1_idle_rss.push(d[0].memory()?.rss);
     env.recorder.take();
     let start = Instant::now();
@@ -345,7 +345,7 @@ async fn raw_client_rate(env: &Env, n: u64) -> anyhow::Result<f64> {
 async fn e2(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
     let setup = env.setup("e2", 1, false).await?;
     let mut d = [env.spawn(&setup, "e2")?];
-    daemon::wait_idle(&setup.client, 1, Duration::from_secs(20)).await?;
+    daemon::wait_idle(&setup.client, Duration::from_secs(20)).await?;
     env.recorder.take();
 
     let total = (f64::from(scale.e2_rate) * scale.e2_seconds).round() as usize;
@@ -413,7 +413,7 @@ async fn e2(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
 async fn e3(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
     let setup = env.setup("e3", scale.e3_subscribers, false).await?;
     let mut d = [env.spawn(&setup, "e3")?];
-    daemon::wait_idle(&setup.client, 1, Duration::from_secs(20)).await?;
+    daemon::wait_idle(&setup.client, Duration::from_secs(20)).await?;
     env.recorder.take();
     let start = Instant::now();
     insert_rows(&setup.client, scale.e3_events, 10).await?;
@@ -476,7 +476,7 @@ async fn e5(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
         let name = if hang { "e5_hang" } else { "e5_base" };
         let setup = env.setup(name, 99, hang).await?;
         let mut d = [env.spawn(&setup, name)?];
-        daemon::wait_idle(&setup.client, 1, Duration::from_secs(20)).await?;
+        daemon::wait_idle(&setup.client, Duration::from_secs(20)).await?;
         env.recorder.take();
         let start = Instant::now();
         insert_rows(&setup.client, scale.e5_events, 10).await?;

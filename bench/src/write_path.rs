@@ -9,7 +9,8 @@
 //! - eventlog: a per-row INSERT into an event-log table (Hasura's way);
 //! - thorn: `thorn.webhook_model(...)`, no daemon waiting (the normal case
 //!   while a daemon is busy or lingering: no NOTIFY);
-//! - thorn+waiter: the same table with a row in thorn.waiter, so every
+//! - thorn+waiter: the same table while the consumer connection holds the
+//!   wake-up lock (as a sleeping daemon does), so every
 //!   writing statement also NOTIFYs (the moment a daemon sleeps).
 //!
 //! A LISTEN connection on both channels is open throughout, as a consumer
@@ -22,6 +23,7 @@ use anyhow::{bail, Context};
 use tokio_postgres::AsyncMessage;
 
 use crate::db::{self, Scratch, BODY, TABLE_SHAPE};
+use crate::daemon::WAKEUP_LOCK;
 use crate::stats::Runs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +50,7 @@ impl Variant {
             Variant::Notify => "naive per-row pg_notify(row_to_json(NEW))",
             Variant::EventLog => "per-row event-log INSERT (Hasura style)",
             Variant::Thorn => "thorn, no daemon waiting (no NOTIFY)",
-            Variant::ThornWaiter => "thorn, a daemon waiting (row in thorn.waiter: NOTIFY)",
+            Variant::ThornWaiter => "thorn, a daemon asleep (wake-up lock held: NOTIFY)",
         }
     }
 
@@ -200,10 +202,6 @@ async fn run_in(
         n
     });
     listener.batch_execute("LISTEN bench; LISTEN thorn").await?;
-    let listener_pid: i32 = listener
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await?
-        .try_get(0)?;
 
     let mut out = Vec::new();
     for &scenario in scenarios {
@@ -215,7 +213,7 @@ async fn run_in(
             let mut this_round = Vec::new();
             for k in 0..VARIANTS.len() {
                 let variant = VARIANTS[(k + round) % VARIANTS.len()];
-                prepare(&client, variant, scale.preload, listener_pid).await?;
+                prepare(&client, &listener, variant, scale.preload).await?;
                 let value = pgbench(&scratch.url, work, scenario, variant, scale).await?;
                 this_round.push((variant, value));
             }
@@ -248,7 +246,6 @@ async fn run_in(
         }
         out.push((scenario, results));
     }
-    client.batch_execute("DELETE FROM thorn.waiter").await?;
     drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     Ok(out)
@@ -262,13 +259,14 @@ async fn futures_poll<T>(
 }
 
 /// Empties the variant's tables, preloads `preload` rows without firing
-/// triggers (the UPDATEs of W2 need them), sets or clears the waiter, and
-/// checkpoints so every run starts from the same state.
+/// triggers (the UPDATEs of W2 need them), takes or drops the wake-up lock
+/// on the consumer's connection, and checkpoints so every run starts from
+/// the same state.
 async fn prepare(
     client: &tokio_postgres::Client,
+    listener: &tokio_postgres::Client,
     variant: Variant,
     preload: i64,
-    listener_pid: i32,
 ) -> anyhow::Result<()> {
     let table = variant.table();
     client
@@ -276,7 +274,6 @@ async fn prepare(
             "TRUNCATE {table} RESTART IDENTITY;
              TRUNCATE event_log;
              TRUNCATE thorn.event, thorn.delivery;
-             DELETE FROM thorn.waiter;
              SET session_replication_role = replica;
              INSERT INTO {table} (title, state, author, body)
                  SELECT 'title ' || g, 'draft', 'alice', '{BODY}' FROM generate_series(1, {preload}) g;
@@ -293,11 +290,12 @@ async fn prepare(
     ] {
         client.batch_execute(&statement).await?;
     }
+    listener.batch_execute("SELECT pg_advisory_unlock_all()").await?;
     if variant == Variant::ThornWaiter {
-        client
+        listener
             .execute(
-                "INSERT INTO thorn.waiter (pid) VALUES ($1)",
-                &[&listener_pid],
+                "SELECT pg_advisory_lock($1, $2)",
+                &[&WAKEUP_LOCK.0, &WAKEUP_LOCK.1],
             )
             .await?;
     }

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "resilience",
         include_str!("../../sql/0005_resilience.sql"),
     ),
+    (6, "wakeup", include_str!("../../sql/0006_wakeup.sql")),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -343,30 +343,29 @@ pub async fn record_health(
     rows.iter().map(|r| r.try_get(0)).collect()
 }
 
-/// Asks capture triggers to NOTIFY: this session is about to sleep.
-pub async fn arm_wakeup(db: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
-    db.execute(
-        "INSERT INTO thorn.waiter (pid) VALUES (pg_backend_pid()) ON CONFLICT (pid) DO NOTHING",
-        &[],
+/// The advisory lock a sleeping daemon holds (exclusive) and capture
+/// triggers try (shared): see sql/0006_wakeup.sql.
+pub const WAKEUP_LOCK: (i32, i32) = (1_953_001_330, 1);
+
+/// Asks capture triggers to NOTIFY: this session is about to sleep. False
+/// when the lock is taken: by another daemon (which is then woken, and its
+/// wake-up reaches every listener), or by writers whose transactions have
+/// not ended yet (whose events the caller's sweep might miss).
+pub async fn arm_wakeup(db: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
+    db.query_one(
+        "SELECT pg_try_advisory_lock($1, $2)",
+        &[&WAKEUP_LOCK.0, &WAKEUP_LOCK.1],
     )
-    .await
-    .map(drop)
+    .await?
+    .try_get(0)
 }
 
 /// Stops the NOTIFYs this session asked for.
 pub async fn disarm_wakeup(db: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
-    db.execute("DELETE FROM thorn.waiter WHERE pid = pg_backend_pid()", &[])
-        .await
-        .map(drop)
-}
-
-/// Forgets waiters whose session is gone (a daemon that died asleep), so
-/// writers stop notifying for them.
-pub async fn forget_dead_waiters(db: &impl GenericClient) -> Result<u64, tokio_postgres::Error> {
     db.execute(
-        "DELETE FROM thorn.waiter w
-         WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid)",
-        &[],
+        "SELECT pg_advisory_unlock($1, $2)",
+        &[&WAKEUP_LOCK.0, &WAKEUP_LOCK.1],
     )
     .await
+    .map(drop)
 }

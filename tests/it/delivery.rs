@@ -1,12 +1,14 @@
 //! End to end: a row change in an annotated table arrives, signed, at a real
 //! receiver.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::support::{python_sign, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT};
+use crate::support::{
+    python_sign, subscribe, wait_asleep, Daemon, Receiver, TestDb, QUIET, WAIT,
+};
 
 async fn article_table(db: &Client) {
     db.batch_execute(
@@ -447,23 +449,10 @@ async fn an_idle_daemon_wakes_promptly_on_notify() {
     // explain a prompt delivery.
     config.dispatch.poll_interval = Duration::from_secs(30);
     let daemon = Daemon::start(config);
-    // Let it run dry, pass the linger and register as a waiter.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let waiting: i64 = db
-            .query_one("SELECT count(*) FROM thorn.waiter", &[])
-            .await
-            .expect("waiters")
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the daemon never went to sleep");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut latencies = Vec::new();
     for i in 0..3 {
+        // Dry, past the linger, asleep on the wake-up lock.
+        wait_asleep(&db).await;
         let started = Instant::now();
         db.execute(
             "INSERT INTO article (title) VALUES ($1)",
@@ -473,13 +462,78 @@ async fn an_idle_daemon_wakes_promptly_on_notify() {
         .expect("insert");
         let got = rx.next(WAIT).await.expect("a delivery");
         latencies.push(got.at - started);
-        // Back to sleep before the next one.
-        tokio::time::sleep(Duration::from_millis(600)).await;
     }
     assert!(
         latencies.iter().all(|l| *l < Duration::from_secs(5)),
         "wake-ups took {latencies:?}; the safety poll is 30s"
     );
+    daemon.stop().await;
+}
+
+// The race a wake-up protocol must close: a writer captured its event but
+// has not committed when the daemon goes to sleep. The daemon's last sweep
+// cannot see the event, and the writer's trigger ran before the daemon asked
+// for NOTIFYs. The wake-up lock makes the daemon wait for such writers.
+#[tokio::test]
+async fn a_write_committed_while_the_daemon_falls_asleep_is_not_left_to_the_safety_poll() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.*", &rx.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.dispatch.poll_interval = Duration::from_secs(30);
+    let daemon = Daemon::start(config);
+    wait_asleep(&db).await;
+    // Wake it once, so it falls asleep again while our transaction is open.
+    db.execute("INSERT INTO article (title) VALUES ('first')", &[])
+        .await
+        .expect("insert");
+    rx.next(WAIT).await.expect("the first delivery");
+    let tx = db.transaction().await.expect("begin");
+    tx.execute("INSERT INTO article (title) VALUES ('open')", &[])
+        .await
+        .expect("insert");
+    // Longer than the linger: the daemon has swept and tried to sleep.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let committed = Instant::now();
+    tx.commit().await.expect("commit");
+    let got = rx.next(WAIT).await.expect("the open transaction's event");
+    assert_eq!(got.json()["data"]["title"], "open");
+    assert!(
+        got.at - committed < Duration::from_secs(5),
+        "delivered {:?} after commit; the safety poll is 30s",
+        got.at - committed
+    );
+    daemon.stop().await;
+}
+
+// Delivery ids are derived from (event, subscriber); a derivation that
+// lost event-id bits once made ids collide past 4096 events and stalled
+// dispatch. A backlog well past that must arrive whole, each id once.
+#[tokio::test]
+async fn a_backlog_past_4096_events_arrives_whole_with_distinct_ids() {
+    const EVENTS: usize = 5000;
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    db.execute(
+        "INSERT INTO article (title) SELECT 't' || i FROM generate_series(1, $1::int) i",
+        &[&(EVENTS as i32)],
+    )
+    .await
+    .expect("insert");
+    let daemon = Daemon::start(t.config());
+    let got = rx.expect(EVENTS, WAIT * 4, QUIET).await;
+    let ids: HashSet<&str> = got.iter().map(|r| r.header("hook-delivery")).collect();
+    let titles: HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["data"]["title"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(ids.len(), EVENTS, "delivery ids repeat");
+    assert_eq!(titles.len(), EVENTS, "some events were sent twice or lost");
     daemon.stop().await;
 }
 

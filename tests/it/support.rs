@@ -383,6 +383,31 @@ print(json.dumps([sign(d, k, base64.b64decode(b)) for d, k, b in json.load(sys.s
 pub const WAIT: Duration = Duration::from_secs(15);
 pub const QUIET: Duration = Duration::from_millis(300);
 
+/// Waits until a daemon sleeps on the outbox: it holds the wake-up lock.
+pub async fn wait_asleep(db: &Client) {
+    let (class, object) = thorn::db::queue::WAKEUP_LOCK;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let asleep: bool = db
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks
+                                WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'
+                                  AND classid = $1::int8::oid AND objid = $2::int8::oid
+                                  AND objsubid = 2 AND database = (SELECT oid FROM pg_database
+                                                                   WHERE datname = current_database()))",
+                &[&i64::from(class), &i64::from(object)],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if asleep {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon never went to sleep");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `n` deliveries have ended (delivered or dead) and returns
 /// (url, state, error_class, status_code, attempts, error, response,
 /// duration_ms) for each, ordered by url.
