@@ -787,3 +787,90 @@ async fn least_privilege_daemon_and_application_roles() {
             .await;
     }
 }
+
+// Capture functions run as the schema owner; a writer must not be able to
+// make them call its own code by putting look-alike functions, operators or
+// types first on its search_path.
+#[tokio::test]
+async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
+    let t = TestDb::new().await;
+    let admin = t.client().await;
+    let app_role = format!(
+        "thorn_hijack_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {app_role} LOGIN;
+             DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO {app_role}', current_database()); END $$;
+             CREATE TABLE public.article (id serial PRIMARY KEY, title text NOT NULL,
+                                          author text, secret text);
+             SELECT thorn.webhook_model('public.article', sender_field => 'author',
+                                        reference => '/article/{{id}}/', exclude => ARRAY['secret']);
+             GRANT USAGE ON SCHEMA public TO {app_role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.article TO {app_role};
+             GRANT USAGE ON SEQUENCE public.article_id_seq TO {app_role};"
+        ))
+        .await
+        .expect("set-up");
+    let result = async {
+        let mut u = url::Url::parse(&t.url).expect("url");
+        let _ = u.set_username(&app_role);
+        let app = crate::support::connect(u.as_str()).await;
+        // Exact-type matches beat pg_catalog's polymorphic and variadic
+        // originals, and the writer puts its schema first.
+        app.batch_execute(
+            r#"CREATE SCHEMA evil;
+               CREATE FUNCTION evil.concat(text, text, text) RETURNS text
+                   LANGUAGE sql AS $$ SELECT 'hijacked' $$;
+               CREATE FUNCTION evil.to_jsonb(public.article) RETURNS jsonb
+                   LANGUAGE sql AS $$ SELECT '{"hijacked": true}'::jsonb $$;
+               CREATE FUNCTION evil.field(jsonb, text) RETURNS text
+                   LANGUAGE sql AS $$ SELECT 'hijacked' $$;
+               CREATE OPERATOR evil.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = evil.field);
+               CREATE FUNCTION evil.minus(jsonb, text[]) RETURNS jsonb
+                   LANGUAGE sql AS $$ SELECT '{"hijacked": true}'::jsonb $$;
+               CREATE OPERATOR evil.- (LEFTARG = jsonb, RIGHTARG = text[], FUNCTION = evil.minus);
+               CREATE FUNCTION evil.jsonb_eq(jsonb, jsonb) RETURNS boolean
+                   LANGUAGE sql AS $$ SELECT false $$;
+               CREATE FUNCTION evil.pg_try_advisory_xact_lock_shared(integer, integer) RETURNS boolean
+                   LANGUAGE sql AS $$ SELECT true $$;
+               SET search_path = evil, pg_catalog, public;
+               INSERT INTO article (title, author, secret) VALUES ('a', 'alice', 's3cret');
+               UPDATE article SET title = 'b';
+               UPDATE article SET title = 'b';
+               DELETE FROM article;"#,
+        )
+        .await
+        .expect("the writer's statements");
+        let rows = admin
+            .query(
+                "SELECT name, ref, sender, data::text FROM thorn.event ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("events");
+        let events: Vec<(String, Option<String>, Option<String>, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        // The second UPDATE changed nothing: no event (a hijacked jsonb_eq
+        // would have made one).
+        let names: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["article.created", "article.changed", "article.removed"],
+            "{events:#?}"
+        );
+        for (_, reference, sender, data) in &events {
+            assert_eq!(reference.as_deref(), Some("/article/1/"), "{events:#?}");
+            assert_eq!(sender.as_deref(), Some("alice"), "{events:#?}");
+            assert!(!data.contains("hijacked") && !data.contains("s3cret"), "{data}");
+            assert!(data.contains(r#""author": "alice""#), "{data}");
+        }
+    };
+    result.await;
+    let _ = admin
+        .batch_execute(&format!("DROP OWNED BY {app_role}; DROP ROLE {app_role}"))
+        .await;
+}
