@@ -182,7 +182,9 @@ pub fn markdown(
                     Scenario::W3 => format!("{:.1} ms", r.raw.median()),
                     _ => format!("{:.0} tps", r.raw.median()),
                 };
-                let is_thorn = matches!(variant, Variant::Thorn | Variant::ThornWaiter);
+                // Judged: the state under load. A daemon asleep is woken by the
+                // first NOTIFY and stops them; thorn+waiter pins it asleep.
+                let is_thorn = *variant == Variant::Thorn;
                 let m = r.ratio.median();
                 let result = if is_thorn {
                     verdict(if higher { m >= bound } else { m <= bound })
@@ -465,10 +467,13 @@ fn plot_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e}")
 }
 
-const PALETTE: [RGBColor; 5] = [
+/// Indexed like write_path::VARIANTS.
+const PALETTE: [RGBColor; 7] = [
     RGBColor(140, 140, 140),
     RGBColor(214, 39, 40),
     RGBColor(255, 127, 14),
+    RGBColor(190, 190, 190),
+    RGBColor(110, 110, 110),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),
 ];
@@ -608,7 +613,7 @@ fn latency_panel<DB: DrawingBackend>(
         .map(|(i, v)| (*v, 100.0 * (i + 1) as f64 / n as f64))
         .collect();
     chart
-        .draw_series(LineSeries::new(points, PALETTE[3].stroke_width(2)))
+        .draw_series(LineSeries::new(points, PALETTE[5].stroke_width(2)))
         .map_err(plot_error)?;
     for x in [10.0, 50.0] {
         chart

@@ -9,6 +9,11 @@
 //! - eventlog: a per-row INSERT into an event-log table (Hasura's way);
 //! - thorn: `thorn.webhook_model(...)`, no daemon waiting (the normal case
 //!   while a daemon is busy or lingering: no NOTIFY);
+//! - floor, bare row: a per-row INSERT of an id-only row, the least any
+//!   outbox written in the same transaction can cost;
+//! - floor, JSON rows: a statement-level INSERT … SELECT of `to_jsonb(row)`
+//!   into a table without any index, the least an outbox that keeps the
+//!   payload can cost;
 //! - thorn+waiter: the same table while the consumer connection holds the
 //!   wake-up lock (as a sleeping daemon does), so every
 //!   writing statement also NOTIFYs (the moment a daemon sleeps).
@@ -31,14 +36,18 @@ pub enum Variant {
     Plain,
     Notify,
     EventLog,
+    FloorRow,
+    FloorJson,
     Thorn,
     ThornWaiter,
 }
 
-pub const VARIANTS: [Variant; 5] = [
+pub const VARIANTS: [Variant; 7] = [
     Variant::Plain,
     Variant::Notify,
     Variant::EventLog,
+    Variant::FloorRow,
+    Variant::FloorJson,
     Variant::Thorn,
     Variant::ThornWaiter,
 ];
@@ -49,6 +58,8 @@ impl Variant {
             Variant::Plain => "no trigger",
             Variant::Notify => "naive per-row pg_notify(row_to_json(NEW))",
             Variant::EventLog => "per-row event-log INSERT (Hasura style)",
+            Variant::FloorRow => "floor: per-row INSERT of an id-only row",
+            Variant::FloorJson => "floor: per-statement INSERT of to_jsonb(row), no index",
             Variant::Thorn => "thorn, no daemon waiting (no NOTIFY)",
             Variant::ThornWaiter => "thorn, a daemon asleep (wake-up lock held: NOTIFY)",
         }
@@ -59,6 +70,8 @@ impl Variant {
             Variant::Plain => "plain",
             Variant::Notify => "naive NOTIFY",
             Variant::EventLog => "event log",
+            Variant::FloorRow => "floor row",
+            Variant::FloorJson => "floor JSON",
             Variant::Thorn => "thorn",
             Variant::ThornWaiter => "thorn+waiter",
         }
@@ -70,6 +83,8 @@ impl Variant {
             Variant::Plain => "plain",
             Variant::Notify => "NOTIFY",
             Variant::EventLog => "log",
+            Variant::FloorRow => "fl.row",
+            Variant::FloorJson => "fl.json",
             Variant::Thorn => "thorn",
             Variant::ThornWaiter => "th+wait",
         }
@@ -80,6 +95,8 @@ impl Variant {
             Variant::Plain => "w_plain",
             Variant::Notify => "w_notify",
             Variant::EventLog => "w_eventlog",
+            Variant::FloorRow => "w_floor_row",
+            Variant::FloorJson => "w_floor_json",
             Variant::Thorn | Variant::ThornWaiter => "w_thorn",
         }
     }
@@ -135,6 +152,20 @@ const SETUP: &str = "
             'new', to_jsonb(NEW)));
         RETURN NULL;
     END $$;
+
+    CREATE TABLE floor_ids (id bigserial PRIMARY KEY);
+    CREATE FUNCTION bench_floor_row() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO floor_ids DEFAULT VALUES;
+        RETURN NULL;
+    END $$;
+
+    CREATE TABLE floor_json (data jsonb NOT NULL);
+    CREATE FUNCTION bench_floor_json() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO floor_json SELECT to_jsonb(t) FROM floor_new t;
+        RETURN NULL;
+    END $$;
 ";
 
 pub async fn run(
@@ -164,12 +195,7 @@ async fn run_in(
         .batch_execute(SETUP)
         .await
         .context("control triggers")?;
-    for v in [
-        Variant::Plain,
-        Variant::Notify,
-        Variant::EventLog,
-        Variant::Thorn,
-    ] {
+    for v in VARIANTS.into_iter().filter(|v| *v != Variant::ThornWaiter) {
         client
             .batch_execute(&format!("CREATE TABLE {} ({TABLE_SHAPE})", v.table()))
             .await?;
@@ -180,6 +206,14 @@ async fn run_in(
                  FOR EACH ROW EXECUTE FUNCTION bench_notify();
              CREATE TRIGGER bench_event_log AFTER INSERT OR UPDATE ON w_eventlog
                  FOR EACH ROW EXECUTE FUNCTION bench_event_log();
+             CREATE TRIGGER bench_floor_row AFTER INSERT OR UPDATE ON w_floor_row
+                 FOR EACH ROW EXECUTE FUNCTION bench_floor_row();
+             CREATE TRIGGER bench_floor_json_insert AFTER INSERT ON w_floor_json
+                 REFERENCING NEW TABLE AS floor_new
+                 FOR EACH STATEMENT EXECUTE FUNCTION bench_floor_json();
+             CREATE TRIGGER bench_floor_json_update AFTER UPDATE ON w_floor_json
+                 REFERENCING NEW TABLE AS floor_new
+                 FOR EACH STATEMENT EXECUTE FUNCTION bench_floor_json();
              SELECT thorn.webhook_model('public.w_thorn', model => 'article',
                  sender_field => 'author', reference => '/article/{id}/');",
         )
@@ -272,7 +306,7 @@ async fn prepare(
     client
         .batch_execute(&format!(
             "TRUNCATE {table} RESTART IDENTITY;
-             TRUNCATE event_log;
+             TRUNCATE event_log, floor_ids, floor_json;
              TRUNCATE thorn.event, thorn.delivery;
              SET session_replication_role = replica;
              INSERT INTO {table} (title, state, author, body)
