@@ -44,6 +44,17 @@ pub struct Claimed {
     pub claimed_at: Instant,
 }
 
+/// The requests a sender has in flight per subscriber, against its limit.
+#[derive(Debug, Default)]
+pub struct Room {
+    pub limit: usize,
+    /// Subscribers at the limit.
+    pub saturated: Vec<Uuid>,
+    /// Subscribers below it with requests in flight, and how many.
+    pub busy: Vec<Uuid>,
+    pub in_flight: Vec<i32>,
+}
+
 /// How an attempt ended, as stored on the delivery row.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -71,22 +82,43 @@ const INSERT_DELIVERIES: &str = "
 
 const MARK_DISPATCHED: &str = "UPDATE thorn.event SET dispatched_at = now() WHERE id = ANY($1)";
 
-// A claim pushes next_attempt_at one lease ahead: that is the lease. An
-// ordered subscriber only ever has its oldest pending delivery claimed, which
-// also keeps it to one in flight. Locks only delivery rows (FOR UPDATE OF d),
-// so daemons never queue on a subscriber row.
+// A claim pushes next_attempt_at one lease ahead: that is the lease.
+//
+// Per-subscriber limits are kept inside the query, so a claim never takes
+// what it would have to hand back: subscribers at their limit ($3) are
+// skipped, and among the due rows of the others, a subscriber with n
+// requests in flight ($4, $5) gets at most $6 - n. The candidates are read
+// past the batch ($1 × 4), so one hot subscriber's backlog does not hide the
+// others'.
+//
+// An ordered subscriber only ever has its oldest pending delivery claimed,
+// which also keeps it to one in flight; the check is a subquery per
+// candidate row, so it costs a lookup only for the rows the scan reaches.
+// Locks only delivery rows (FOR UPDATE OF d), so daemons never queue on a
+// subscriber row.
 const CLAIM_DELIVERIES: &str = "
-    WITH due AS (
-        SELECT d.id FROM thorn.delivery d
+    WITH candidate AS (
+        SELECT d.id, d.subscriber_id, d.next_attempt_at FROM thorn.delivery d
         WHERE d.state = 'pending' AND d.next_attempt_at <= now()
           AND d.subscriber_id <> ALL ($3::uuid[])
-          AND NOT EXISTS (
-              SELECT 1 FROM thorn.subscriber s
-              WHERE s.id = d.subscriber_id AND s.ordered
-                AND EXISTS (SELECT 1 FROM thorn.delivery p
-                            WHERE p.subscriber_id = d.subscriber_id AND p.state = 'pending'
-                              AND (p.event_id, p.created_at, p.id) < (d.event_id, d.created_at, d.id)))
+          AND (SELECT NOT s.ordered OR NOT EXISTS (
+                      SELECT 1 FROM thorn.delivery p
+                      WHERE p.subscriber_id = d.subscriber_id AND p.state = 'pending'
+                        AND (p.event_id, p.created_at, p.id) < (d.event_id, d.created_at, d.id))
+               FROM thorn.subscriber s WHERE s.id = d.subscriber_id)
         ORDER BY d.next_attempt_at
+        LIMIT $1::int8 * 4
+    ), room AS (
+        SELECT c.id, c.next_attempt_at,
+               row_number() OVER (PARTITION BY c.subscriber_id ORDER BY c.next_attempt_at) AS nth,
+               $6::int4 - coalesce(busy.n, 0) AS free
+        FROM candidate c
+        LEFT JOIN unnest($4::uuid[], $5::int4[]) AS busy (subscriber_id, n)
+               ON busy.subscriber_id = c.subscriber_id
+    ), due AS (
+        SELECT d.id FROM thorn.delivery d JOIN room r ON r.id = d.id
+        WHERE r.nth <= r.free AND d.state = 'pending' AND d.next_attempt_at <= now()
+        ORDER BY r.next_attempt_at
         LIMIT $1
         FOR UPDATE OF d SKIP LOCKED
     ), claimed AS (
@@ -176,17 +208,27 @@ impl Statements {
         db.execute(&self.mark_dispatched, &[&events]).await
     }
 
+    /// Claims up to `limit` due deliveries, at most `room.limit` in flight
+    /// per subscriber.
     pub async fn claim_deliveries(
         &self,
         db: &impl GenericClient,
         limit: i64,
         lease: Duration,
-        excluded: &[Uuid],
+        room: &Room,
     ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+        let per_subscriber = i32::try_from(room.limit).unwrap_or(i32::MAX);
         let rows = db
             .query(
                 &self.claim_deliveries,
-                &[&limit, &lease.as_secs_f64(), &excluded],
+                &[
+                    &limit,
+                    &lease.as_secs_f64(),
+                    &room.saturated,
+                    &room.busy,
+                    &room.in_flight,
+                    &per_subscriber,
+                ],
             )
             .await?;
         rows.iter()

@@ -1,10 +1,9 @@
 //! The sender: claims due deliveries and sends each in its own task.
 //!
 //! Concurrency is bounded twice: a semaphore over all requests, and a count
-//! per subscriber. A subscriber at its limit is left out of the next claim,
-//! and deliveries claimed beyond it are handed back at once, so one slow
-//! endpoint holds at most its own share of the slots and never a lease it
-//! cannot use.
+//! per subscriber that the claim query itself respects (a subscriber with n
+//! requests in flight gets at most limit − n more), so one slow endpoint
+//! holds at most its own share of the slots and never a lease it cannot use.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -79,13 +78,20 @@ impl InFlight {
         }
     }
 
-    fn saturated(&self, limit: usize) -> Vec<Uuid> {
-        self.lock()
-            .per_subscriber
-            .iter()
-            .filter(|(_, &n)| n >= limit)
-            .map(|(&id, _)| id)
-            .collect()
+    fn room(&self, limit: usize) -> queue::Room {
+        let mut room = queue::Room {
+            limit,
+            ..queue::Room::default()
+        };
+        for (&id, &n) in &self.lock().per_subscriber {
+            if n >= limit {
+                room.saturated.push(id);
+            } else {
+                room.busy.push(id);
+                room.in_flight.push(i32::try_from(n).unwrap_or(i32::MAX));
+            }
+        }
+        room
     }
 
     /// The deliveries whose requests have not finished.
@@ -170,11 +176,13 @@ impl Worker {
                 }
             }
             let wanted = permits.len();
-            let excluded = in_flight.saturated(limit);
+            let room = in_flight.room(limit);
             let claimed = statements
-                .claim_deliveries(client, wanted as i64, self.settings.lease(), &excluded)
+                .claim_deliveries(client, wanted as i64, self.settings.lease(), &room)
                 .await?;
             let got = claimed.len();
+            // The claim kept to the room, so nothing should be over: a
+            // miscount costs a release here, not a lease's wait.
             let mut over_limit = Vec::new();
             for delivery in claimed {
                 if !in_flight.try_enter(delivery.id, delivery.subscriber_id, limit) {
@@ -189,27 +197,38 @@ impl Worker {
             }
             drop(permits);
             if !over_limit.is_empty() {
+                tracing::warn!(count = over_limit.len(), "claimed past a limit; released");
                 queue::release(client, &over_limit).await?;
             }
-            if got == wanted && over_limit.is_empty() {
+            if got == wanted {
                 continue;
             }
             // Caught up: sleep until new work, the next due retry or the
             // safety poll, whichever is first.
             let due = queue::next_due(client).await?.unwrap_or(Duration::MAX);
+            let held_back = room.busy.len() + room.saturated.len() > 0;
             let sleep = if !due.is_zero() {
                 due.min(IDLE_POLL)
-            } else if excluded.is_empty() && over_limit.is_empty() {
+            } else if !held_back {
+                // Due rows we did not get were locked by another claim.
                 continue;
             } else {
-                // What is due belongs to subscribers at their limit: a
+                // What is due is held back by per-subscriber limits: a
                 // finishing request wakes us.
                 IDLE_POLL
             };
             tokio::select! {
                 _ = self.ready.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(sleep) => continue,
                 _ = shutdown.cancelled() => return Ok(()),
+            }
+            if held_back {
+                // Let a few more requests finish, so the next claim is a
+                // batch rather than one row per finished request.
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
             }
         }
     }
