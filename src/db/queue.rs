@@ -116,10 +116,15 @@ const CLAIM_DELIVERIES: &str = "
         LEFT JOIN unnest($4::uuid[], $5::int4[]) AS busy (subscriber_id, n)
                ON busy.subscriber_id = c.subscriber_id
     ), due AS (
-        SELECT d.id FROM thorn.delivery d JOIN room r ON r.id = d.id
-        WHERE r.nth <= r.free AND d.state = 'pending' AND d.next_attempt_at <= now()
-        ORDER BY r.next_attempt_at
-        LIMIT $1
+        -- Locking rechecks that the row is still due (another daemon may
+        -- have claimed it since this statement's snapshot). The rows are
+        -- fetched by id: the recheck must not send the planner to the
+        -- queue index, whose head is full of entries already claimed.
+        SELECT d.id
+        FROM unnest(ARRAY(SELECT r.id FROM room r WHERE r.nth <= r.free
+                          ORDER BY r.next_attempt_at LIMIT $1)) AS pick (id)
+        JOIN thorn.delivery d ON d.id = pick.id
+        WHERE d.state = 'pending' AND d.next_attempt_at <= now()
         FOR UPDATE OF d SKIP LOCKED
     ), claimed AS (
         UPDATE thorn.delivery d SET next_attempt_at = now() + $2::float8 * interval '1 second'

@@ -203,10 +203,16 @@ impl Worker {
             if got == wanted {
                 continue;
             }
-            // Caught up: sleep until new work, the next due retry or the
-            // safety poll, whichever is first.
-            let due = queue::next_due(client).await?.unwrap_or(Duration::MAX);
             let held_back = room.busy.len() + room.saturated.len() > 0;
+            // Caught up, or held back by per-subscriber limits (then, having
+            // got something, there is no need to ask what is due): sleep
+            // until new work, a finished request, the next due retry or the
+            // safety poll, whichever is first.
+            let due = if held_back && got > 0 {
+                Duration::ZERO
+            } else {
+                queue::next_due(client).await?.unwrap_or(Duration::MAX)
+            };
             let sleep = if !due.is_zero() {
                 due.min(IDLE_POLL)
             } else if !held_back {
