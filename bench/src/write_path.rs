@@ -27,8 +27,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio_postgres::AsyncMessage;
 
-use crate::db::{self, Scratch, BODY, TABLE_SHAPE};
 use crate::daemon::WAKEUP_LOCK;
+use crate::db::{self, Scratch, BODY, TABLE_SHAPE};
 use crate::stats::Runs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,7 +324,9 @@ async fn prepare(
     ] {
         client.batch_execute(&statement).await?;
     }
-    listener.batch_execute("SELECT pg_advisory_unlock_all()").await?;
+    listener
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await?;
     if variant == Variant::ThornWaiter {
         listener
             .execute(

@@ -118,13 +118,13 @@ const CLAIM_DELIVERIES: &str = "
     ), due AS (
         -- Locking rechecks that the row is still due (another daemon may
         -- have claimed it since this statement's snapshot). The rows are
-        -- fetched by id: the recheck must not send the planner to the
-        -- queue index, whose head is full of entries already claimed.
+        -- fetched by id; the recheck is a CASE so that the planner cannot
+        -- turn it into a scan of the queue index instead.
         SELECT d.id
         FROM unnest(ARRAY(SELECT r.id FROM room r WHERE r.nth <= r.free
                           ORDER BY r.next_attempt_at LIMIT $1)) AS pick (id)
         JOIN thorn.delivery d ON d.id = pick.id
-        WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+        WHERE CASE WHEN d.state = 'pending' THEN d.next_attempt_at <= now() END
         FOR UPDATE OF d SKIP LOCKED
     ), claimed AS (
         UPDATE thorn.delivery d SET next_attempt_at = now() + $2::float8 * interval '1 second'
@@ -157,6 +157,24 @@ const COMPLETE: &str = "
          AS u(id, state, delay_ms, status_code, error_class, error, duration_ms, response)
     WHERE d.id = u.id AND d.state = 'pending'";
 
+// Subscriber health: a success clears failing_since, a failure sets it if
+// unset, and a subscriber failing longer than disable_after is switched off.
+const CLEAR_FAILING: &str = "
+    UPDATE thorn.subscriber SET failing_since = NULL
+    WHERE id = ANY($1) AND failing_since IS NOT NULL";
+
+const MARK_FAILING: &str = "
+    UPDATE thorn.subscriber SET failing_since = now()
+    WHERE id = ANY($1) AND NOT id = ANY($2) AND failing_since IS NULL";
+
+const DISABLE_FAILING: &str = "
+    UPDATE thorn.subscriber
+    SET active = false,
+        deactivated_reason = 'no successful delivery since ' || failing_since
+    WHERE id = ANY($1) AND active
+      AND failing_since < now() - $2::float8 * interval '1 second'
+    RETURNING id";
+
 /// The hot statements, prepared on one connection.
 pub struct Statements {
     claim_events: Statement,
@@ -164,6 +182,9 @@ pub struct Statements {
     mark_dispatched: Statement,
     claim_deliveries: Statement,
     complete: Statement,
+    clear_failing: Statement,
+    mark_failing: Statement,
+    disable_failing: Statement,
 }
 
 impl Statements {
@@ -174,6 +195,9 @@ impl Statements {
             mark_dispatched: client.prepare(MARK_DISPATCHED).await?,
             claim_deliveries: client.prepare(CLAIM_DELIVERIES).await?,
             complete: client.prepare(COMPLETE).await?,
+            clear_failing: client.prepare(CLEAR_FAILING).await?,
+            mark_failing: client.prepare(MARK_FAILING).await?,
+            disable_failing: client.prepare(DISABLE_FAILING).await?,
         })
     }
 
@@ -285,6 +309,32 @@ impl Statements {
         )
         .await
     }
+
+    /// Tracks how long subscribers have been failing (see CLEAR_FAILING);
+    /// returns the subscribers it switched off.
+    pub async fn record_health(
+        &self,
+        db: &impl GenericClient,
+        succeeded: &[Uuid],
+        failed: &[Uuid],
+        disable_after: Duration,
+    ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+        if !succeeded.is_empty() {
+            db.execute(&self.clear_failing, &[&succeeded]).await?;
+        }
+        if failed.is_empty() {
+            return Ok(Vec::new());
+        }
+        db.execute(&self.mark_failing, &[&failed, &succeeded])
+            .await?;
+        let rows = db
+            .query(
+                &self.disable_failing,
+                &[&failed, &disable_after.as_secs_f64()],
+            )
+            .await?;
+        rows.iter().map(|r| r.try_get(0)).collect()
+    }
 }
 
 /// The subscriber version, read before the subscribers it guards.
@@ -348,46 +398,6 @@ pub async fn deactivate(
         &[&ids, &reason],
     )
     .await
-}
-
-/// Tracks how long subscribers have been failing: a success clears
-/// `failing_since`, a failure sets it if unset, and a subscriber failing
-/// longer than `disable_after` is deactivated. Returns the deactivated ids.
-pub async fn record_health(
-    db: &impl GenericClient,
-    succeeded: &[Uuid],
-    failed: &[Uuid],
-    disable_after: Duration,
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
-    if !succeeded.is_empty() {
-        db.execute(
-            "UPDATE thorn.subscriber SET failing_since = NULL
-             WHERE id = ANY($1) AND failing_since IS NOT NULL",
-            &[&succeeded],
-        )
-        .await?;
-    }
-    if failed.is_empty() {
-        return Ok(Vec::new());
-    }
-    db.execute(
-        "UPDATE thorn.subscriber SET failing_since = now()
-         WHERE id = ANY($1) AND NOT id = ANY($2) AND failing_since IS NULL",
-        &[&failed, &succeeded],
-    )
-    .await?;
-    let rows = db
-        .query(
-            "UPDATE thorn.subscriber
-             SET active = false,
-                 deactivated_reason = 'no successful delivery since ' || failing_since
-             WHERE id = ANY($1) AND active
-               AND failing_since < now() - $2::float8 * interval '1 second'
-             RETURNING id",
-            &[&failed, &disable_after.as_secs_f64()],
-        )
-        .await?;
-    rows.iter().map(|r| r.try_get(0)).collect()
 }
 
 /// The advisory lock a sleeping daemon holds (exclusive) and capture

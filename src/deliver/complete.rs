@@ -19,6 +19,11 @@ use crate::db::{self, queue};
 /// Largest batch written at once.
 const MAX_BATCH: usize = 1000;
 
+/// How long outcomes gather after the first before they are written. At
+/// thousands of requests per second this turns a few rows per statement
+/// into dozens; nothing waits on it but the next ordered delivery.
+const GATHER: Duration = Duration::from_millis(2);
+
 pub struct Done {
     pub completion: queue::Completion,
     pub subscriber_id: Uuid,
@@ -30,11 +35,12 @@ pub struct Done {
 }
 
 /// Runs until every sender has dropped its channel end and the queue is
-/// written. `retry_scheduled` wakes the claimer so it can plan its next poll.
+/// written. `written` wakes the claimer after every write: it may have a
+/// retry to plan, or an ordered subscriber's next delivery to claim.
 pub async fn run(
     url: String,
     mut rx: mpsc::Receiver<Done>,
-    retry_scheduled: Arc<Notify>,
+    written: Arc<Notify>,
     disable_after: Duration,
 ) {
     // Outlives shutdown on purpose: it stops when the senders are gone.
@@ -56,10 +62,14 @@ pub async fn run(
                     Some(done) => batch.push(done),
                     None => return,
                 }
+                let deadline = tokio::time::Instant::now() + GATHER;
                 while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(done) => batch.push(done),
-                        Err(_) => break,
+                    tokio::select! {
+                        done = rx.recv() => match done {
+                            Some(done) => batch.push(done),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
                     }
                 }
             }
@@ -74,7 +84,9 @@ pub async fn run(
                 // Refused, not lost: retrying the same rows would block every
                 // later outcome. The leases bring these deliveries back.
                 tracing::error!(%error, dropped = batch.len(), "the database refused delivery outcomes");
-            } else if let Err(error) = update_subscribers(&client, &batch, disable_after).await {
+            } else if let Err(error) =
+                update_subscribers(&client, &statements, &batch, disable_after).await
+            {
                 // The outcomes are written; only the bookkeeping is missing.
                 tracing::warn!(%error, "cannot update subscriber health");
                 if lost(&client, &error) {
@@ -83,9 +95,9 @@ pub async fn run(
                 }
             }
             backoff.reset();
-            if batch.iter().any(|d| d.completion.state == "pending") {
-                retry_scheduled.notify_one();
-            }
+            // A retry to plan, or the next delivery of an ordered subscriber
+            // now claimable.
+            written.notify_one();
             batch.clear();
         }
     }
@@ -101,6 +113,7 @@ fn lost(client: &tokio_postgres::Client, error: &tokio_postgres::Error) -> bool 
 /// tracks how long each has been failing.
 async fn update_subscribers(
     client: &tokio_postgres::Client,
+    statements: &queue::Statements,
     batch: &[Done],
     disable_after: Duration,
 ) -> Result<(), tokio_postgres::Error> {
@@ -118,7 +131,9 @@ async fn update_subscribers(
     }
     let succeeded = subscribers(&|d| d.completion.state == "delivered");
     let failed = subscribers(&|d| d.counts_for_health && d.completion.state != "delivered");
-    let disabled = queue::record_health(client, &succeeded, &failed, disable_after).await?;
+    let disabled = statements
+        .record_health(client, &succeeded, &failed, disable_after)
+        .await?;
     if !disabled.is_empty() {
         tracing::warn!(
             subscribers = ?disabled,

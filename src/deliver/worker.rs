@@ -35,6 +35,10 @@ fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, ma
     }
 }
 
+/// Longest sleep while due rows could not be claimed for a reason other
+/// than our own limits.
+const BUSY_RETRY: Duration = Duration::from_millis(10);
+
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -216,8 +220,11 @@ impl Worker {
             let sleep = if !due.is_zero() {
                 due.min(IDLE_POLL)
             } else if !held_back {
-                // Due rows we did not get were locked by another claim.
-                continue;
+                // Due rows we did not get: locked by another daemon's claim
+                // for a moment, or an ordered subscriber's next delivery,
+                // claimable once the completer has written the one before
+                // (it wakes us then).
+                BUSY_RETRY
             } else {
                 // What is due is held back by per-subscriber limits: a
                 // finishing request wakes us.

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::support::{
-    python_sign, subscribe, wait_asleep, Daemon, Receiver, TestDb, QUIET, WAIT,
-};
+use crate::support::{python_sign, subscribe, wait_asleep, Daemon, Receiver, TestDb, QUIET, WAIT};
 
 async fn article_table(db: &Client) {
     db.batch_execute(

@@ -865,7 +865,10 @@ async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
         for (_, reference, sender, data) in &events {
             assert_eq!(reference.as_deref(), Some("/article/1/"), "{events:#?}");
             assert_eq!(sender.as_deref(), Some("alice"), "{events:#?}");
-            assert!(!data.contains("hijacked") && !data.contains("s3cret"), "{data}");
+            assert!(
+                !data.contains("hijacked") && !data.contains("s3cret"),
+                "{data}"
+            );
             assert!(data.contains(r#""author": "alice""#), "{data}");
         }
     };
