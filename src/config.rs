@@ -266,7 +266,7 @@ impl Default for Delivery {
             ],
             concurrency: 256,
             per_subscriber_concurrency: 32,
-            batch_size: 32,
+            batch_size: 128,
             lease_setting: None,
             max_retry_after: Duration::from_secs(3600),
             max_response_bytes: 4096,

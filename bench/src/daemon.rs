@@ -18,11 +18,12 @@ pub struct Settings {
     pub timeout_ms: u64,
 }
 
+/// thorn's defaults, written out so the report can show them.
 pub const SETTINGS: Settings = Settings {
     concurrency: 256,
-    per_subscriber_concurrency: 64,
-    delivery_batch: 256,
-    dispatch_batch: 1000,
+    per_subscriber_concurrency: 32,
+    delivery_batch: 128,
+    dispatch_batch: 500,
     timeout_ms: 3000,
 };
 
