@@ -439,12 +439,14 @@ pub fn chart(path: &Path, write: &WriteResults, engine: Option<&Results>) -> any
                 bars.push((name.to_owned(), r.median(), r.min(), r.max(), color));
             }
         };
-        add("E1 thorn", &e.e1_rate, 3);
+        // Colors of PALETTE: thorn blue, the raw limit grey, E5 with the
+        // hanging subscriber green, E6 orange.
+        add("E1 thorn", &e.e1_rate, 5);
         add("E1 raw", &e.e1_raw, 0);
-        add("E3", &e.e3_rate, 3);
-        add("E4", &e.e4_rate, 3);
-        add("E5 alone", &e.e5_without, 3);
-        add("E5 +hang", &e.e5_with, 4);
+        add("E3", &e.e3_rate, 5);
+        add("E4", &e.e4_rate, 5);
+        add("E5 alone", &e.e5_without, 5);
+        add("E5 +hang", &e.e5_with, 6);
         for (k, r) in &e.e6 {
             add(&format!("E6 ×{k}"), r, 2);
         }

@@ -506,6 +506,43 @@ async fn a_write_committed_while_the_daemon_falls_asleep_is_not_left_to_the_safe
     daemon.stop().await;
 }
 
+// Only one daemon can hold the wake-up lock; the others rely on the NOTIFY
+// that wakes the holder reaching every listener.
+#[tokio::test]
+async fn two_idle_daemons_wake_promptly_and_deliver_once() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.*", &rx.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.dispatch.poll_interval = Duration::from_secs(30);
+    let daemons = [Daemon::start(config.clone()), Daemon::start(config)];
+    for i in 0..3 {
+        wait_asleep(&db).await;
+        // Long enough for the daemon without the lock to back off to its
+        // longest nap.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let started = Instant::now();
+        db.execute(
+            "INSERT INTO article (title) VALUES ($1)",
+            &[&format!("t{i}")],
+        )
+        .await
+        .expect("insert");
+        let got = rx.next(WAIT).await.expect("a delivery");
+        assert!(
+            got.at - started < Duration::from_secs(5),
+            "took {:?}; the safety poll is 30s",
+            got.at - started
+        );
+    }
+    assert!(rx.next(QUIET).await.is_none(), "a delivery arrived twice");
+    for daemon in daemons {
+        daemon.stop().await;
+    }
+}
+
 // Delivery ids are derived from (event, subscriber); a derivation that
 // lost event-id bits once made ids collide past 4096 events and stalled
 // dispatch. A backlog well past that must arrive whole, each id once.
