@@ -35,9 +35,9 @@ fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, ma
     }
 }
 
-/// Longest sleep while due rows could not be claimed for a reason other
-/// than our own limits.
-const BUSY_RETRY: Duration = Duration::from_millis(10);
+/// Naps while due rows cannot be claimed for a reason other than our own
+/// limits, doubling from the first to the last while it lasts.
+const BUSY_RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -80,6 +80,11 @@ impl InFlight {
                 t.per_subscriber.remove(&subscriber);
             }
         }
+    }
+
+    /// Whether some subscriber has `limit` requests in flight.
+    fn any_at(&self, limit: usize) -> bool {
+        self.lock().per_subscriber.values().any(|&n| n >= limit)
     }
 
     fn room(&self, limit: usize) -> queue::Room {
@@ -151,6 +156,7 @@ impl Worker {
         let batch = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
         let limit = self.settings.per_subscriber_concurrency;
         let gather = batch.min(self.settings.concurrency) / 4;
+        let mut busy_retry = BUSY_RETRY.0;
         loop {
             self.probe.beat();
             let first = tokio::select! {
@@ -207,7 +213,12 @@ impl Worker {
             if got == wanted {
                 continue;
             }
-            let held_back = room.busy.len() + room.saturated.len() > 0;
+            if got > 0 {
+                busy_retry = BUSY_RETRY.0;
+            }
+            // A subscriber at its limit now: what is left of its due rows
+            // waits for one of its requests to finish.
+            let held_back = in_flight.any_at(limit);
             // Caught up, or held back by per-subscriber limits (then, having
             // got something, there is no need to ask what is due): sleep
             // until new work, a finished request, the next due retry or the
@@ -220,14 +231,16 @@ impl Worker {
             let sleep = if !due.is_zero() {
                 due.min(IDLE_POLL)
             } else if !held_back {
-                // Due rows we did not get: locked by another daemon's claim
-                // for a moment, or an ordered subscriber's next delivery,
-                // claimable once the completer has written the one before
-                // (it wakes us then).
-                BUSY_RETRY
+                // Due rows we could not get: locked by another daemon's
+                // claim for a moment, or an ordered subscriber's next
+                // delivery, claimable once the one before is written (the
+                // completer wakes us then) or retried (hours, perhaps):
+                // back off while that lasts.
+                let nap = busy_retry;
+                busy_retry = (busy_retry * 2).min(BUSY_RETRY.1);
+                nap
             } else {
-                // What is due is held back by per-subscriber limits: a
-                // finishing request wakes us.
+                // A finishing request wakes us.
                 IDLE_POLL
             };
             tokio::select! {

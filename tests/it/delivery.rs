@@ -506,8 +506,9 @@ async fn a_write_committed_while_the_daemon_falls_asleep_is_not_left_to_the_safe
     daemon.stop().await;
 }
 
-// Only one daemon can hold the wake-up lock; the others rely on the NOTIFY
-// that wakes the holder reaching every listener.
+// Only one daemon can hold the wake-up lock. Whichever of two idle daemons
+// wakes first (the holder on its NOTIFY, the other at the end of a nap),
+// each event is delivered promptly and once.
 #[tokio::test]
 async fn two_idle_daemons_wake_promptly_and_deliver_once() {
     let t = TestDb::new().await;

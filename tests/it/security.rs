@@ -833,6 +833,12 @@ async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
                CREATE OPERATOR evil.- (LEFTARG = jsonb, RIGHTARG = text[], FUNCTION = evil.minus);
                CREATE FUNCTION evil.jsonb_eq(jsonb, jsonb) RETURNS boolean
                    LANGUAGE sql AS $$ SELECT false $$;
+               CREATE FUNCTION evil.get(jsonb, text) RETURNS jsonb
+                   LANGUAGE sql AS $$ SELECT '"hijacked"'::jsonb $$;
+               CREATE OPERATOR evil.-> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = evil.get);
+               CREATE FUNCTION evil.never(jsonb, jsonb) RETURNS boolean
+                   LANGUAGE sql AS $$ SELECT false $$;
+               CREATE OPERATOR evil.= (LEFTARG = jsonb, RIGHTARG = jsonb, FUNCTION = evil.never);
                CREATE FUNCTION evil.pg_try_advisory_xact_lock_shared(integer, integer) RETURNS boolean
                    LANGUAGE sql AS $$ SELECT true $$;
                SET search_path = evil, pg_catalog, public;
@@ -854,8 +860,9 @@ async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
-        // The second UPDATE changed nothing: no event (a hijacked jsonb_eq
-        // would have made one).
+        // The second UPDATE changed nothing: no event. A hijacked jsonb_eq,
+        // or a hijacked -> or = in the pairing of old and new rows on the
+        // key (unpaired rows count as changed), would have made one.
         let names: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
             names,
