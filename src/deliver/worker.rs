@@ -82,11 +82,6 @@ impl InFlight {
         }
     }
 
-    /// Whether some subscriber has `limit` requests in flight.
-    fn any_at(&self, limit: usize) -> bool {
-        self.lock().per_subscriber.values().any(|&n| n >= limit)
-    }
-
     fn room(&self, limit: usize) -> queue::Room {
         let mut room = queue::Room {
             limit,
@@ -216,9 +211,9 @@ impl Worker {
             if got > 0 {
                 busy_retry = BUSY_RETRY.0;
             }
-            // A subscriber at its limit now: what is left of its due rows
-            // waits for one of its requests to finish.
-            let held_back = in_flight.any_at(limit);
+            // Requests were in flight: per-subscriber limits may be what
+            // stopped the claim, and finishing requests will wake us.
+            let held_back = room.busy.len() + room.saturated.len() > 0;
             // Caught up, or held back by per-subscriber limits (then, having
             // got something, there is no need to ask what is due): sleep
             // until new work, a finished request, the next due retry or the
