@@ -435,17 +435,23 @@ async fn wait_dispatched(db: &Client) {
     }
 }
 
-#[tokio::test]
-async fn an_idle_daemon_wakes_promptly_on_notify() {
+/// An `article` table with one subscriber (article.*) at a fresh receiver,
+/// and a config whose safety poll is far longer than the latency the
+/// wake-up tests accept: only a wake-up explains a prompt delivery.
+async fn slow_poll_setup() -> (TestDb, Client, Receiver, thorn::config::Config) {
     let t = TestDb::new().await;
     let db = t.client().await;
     article_table(&db).await;
-    let mut rx = Receiver::start().await;
+    let rx = Receiver::start().await;
     subscribe(&db, "article.*", &rx.url("/"), None, "secret").await;
     let mut config = t.config();
-    // A safety poll far longer than the latency we accept: only NOTIFY can
-    // explain a prompt delivery.
     config.dispatch.poll_interval = Duration::from_secs(30);
+    (t, db, rx, config)
+}
+
+#[tokio::test]
+async fn an_idle_daemon_wakes_promptly_on_notify() {
+    let (_t, db, mut rx, config) = slow_poll_setup().await;
     let daemon = Daemon::start(config);
     let mut latencies = Vec::new();
     for i in 0..3 {
@@ -474,13 +480,7 @@ async fn an_idle_daemon_wakes_promptly_on_notify() {
 // for NOTIFYs. The wake-up lock makes the daemon wait for such writers.
 #[tokio::test]
 async fn a_write_committed_while_the_daemon_falls_asleep_is_not_left_to_the_safety_poll() {
-    let t = TestDb::new().await;
-    let mut db = t.client().await;
-    article_table(&db).await;
-    let mut rx = Receiver::start().await;
-    subscribe(&db, "article.*", &rx.url("/"), None, "secret").await;
-    let mut config = t.config();
-    config.dispatch.poll_interval = Duration::from_secs(30);
+    let (_t, mut db, mut rx, config) = slow_poll_setup().await;
     let daemon = Daemon::start(config);
     wait_asleep(&db).await;
     // Wake it once, so it falls asleep again while our transaction is open.
@@ -511,13 +511,7 @@ async fn a_write_committed_while_the_daemon_falls_asleep_is_not_left_to_the_safe
 // each event is delivered promptly and once.
 #[tokio::test]
 async fn two_idle_daemons_wake_promptly_and_deliver_once() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    article_table(&db).await;
-    let mut rx = Receiver::start().await;
-    subscribe(&db, "article.*", &rx.url("/"), None, "secret").await;
-    let mut config = t.config();
-    config.dispatch.poll_interval = Duration::from_secs(30);
+    let (_t, db, mut rx, config) = slow_poll_setup().await;
     let daemons = [Daemon::start(config.clone()), Daemon::start(config)];
     for i in 0..3 {
         wait_asleep(&db).await;
