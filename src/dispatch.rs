@@ -4,6 +4,8 @@
 //! several daemons share the outbox), matches them against the active
 //! subscribers, inserts the deliveries and marks the events dispatched. A
 //! daemon dying mid-batch rolls the transaction back: nothing is lost.
+//! Pending events are found above the outbox horizon, which batches move
+//! up a step at a time while it lags (sql/0007_horizon.sql).
 //!
 //! It also owns the wake-up protocol of DESIGN.md §4: while work keeps
 //! coming it polls; once the outbox has been dry for `linger` it takes the
@@ -74,6 +76,8 @@ impl Dispatcher {
     ) -> Result<(), tokio_postgres::Error> {
         let statements = queue::Statements::prepare(&client).await?;
         let mut matcher = Matcher::default();
+        // Whether the outbox horizon may have room to move up.
+        let mut behind = true;
         let mut last_work = Instant::now();
         let mut arm_retry = ARM_RETRY.0;
         loop {
@@ -82,7 +86,7 @@ impl Dispatcher {
                 return Ok(());
             }
             if self
-                .dispatch_batch(&mut client, &statements, &mut matcher)
+                .dispatch_batch(&mut client, &statements, &mut matcher, &mut behind)
                 .await?
                 > 0
             {
@@ -102,7 +106,7 @@ impl Dispatcher {
             let armed = queue::arm_wakeup(&client).await?;
             let mut woken = true;
             if self
-                .dispatch_batch(&mut client, &statements, &mut matcher)
+                .dispatch_batch(&mut client, &statements, &mut matcher, &mut behind)
                 .await?
                 == 0
             {
@@ -131,21 +135,32 @@ impl Dispatcher {
         }
     }
 
-    /// Dispatches one batch; returns how many events it took.
+    /// Dispatches one batch; returns how many events it took. While the
+    /// outbox horizon is `behind`, the batch first moves it a step.
     async fn dispatch_batch(
         &self,
         client: &mut Client,
         statements: &queue::Statements,
         matcher: &mut Matcher,
+        behind: &mut bool,
     ) -> Result<usize, tokio_postgres::Error> {
         let tx = client.transaction().await?;
+        let stepped = *behind;
+        if stepped {
+            *behind = !statements.advance_horizon(&tx).await?;
+        }
         let events = statements
             .claim_events(&tx, i64::from(self.settings.batch_size))
             .await?;
         if events.is_empty() {
-            tx.rollback().await?;
+            if stepped {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
             return Ok(0);
         }
+        *behind = true;
         // Read the version first: a change committed in between makes the
         // cache older than its tag, and the next batch reloads it.
         let version = queue::subscriber_version(&tx).await?;

@@ -57,7 +57,8 @@ pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
     let events = db
         .query_one(
             "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
-             FROM thorn.event WHERE dispatched_at IS NULL",
+             FROM thorn.event
+             WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL",
             &[],
         )
         .await?;

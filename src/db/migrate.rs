@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0005_resilience.sql"),
     ),
     (6, "wakeup", include_str!("../../sql/0006_wakeup.sql")),
+    (7, "horizon", include_str!("../../sql/0007_horizon.sql")),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

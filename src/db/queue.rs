@@ -69,9 +69,11 @@ pub struct Completion {
     pub response: Option<String>,
 }
 
+// Pending events lie above the outbox horizon (sql/0007_horizon.sql), found
+// on the primary key: writers maintain no index for them.
 const CLAIM_EVENTS: &str = "
     SELECT id, name, sender FROM thorn.event
-    WHERE dispatched_at IS NULL
+    WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED";
@@ -81,6 +83,8 @@ const INSERT_DELIVERIES: &str = "
     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[])";
 
 const MARK_DISPATCHED: &str = "UPDATE thorn.event SET dispatched_at = now() WHERE id = ANY($1)";
+
+const ADVANCE_HORIZON: &str = "SELECT thorn.advance_outbox_horizon()";
 
 // A claim pushes next_attempt_at one lease ahead: that is the lease.
 //
@@ -177,6 +181,7 @@ const DISABLE_FAILING: &str = "
 
 /// The hot statements, prepared on one connection.
 pub struct Statements {
+    advance_horizon: Statement,
     claim_events: Statement,
     insert_deliveries: Statement,
     mark_dispatched: Statement,
@@ -190,6 +195,7 @@ pub struct Statements {
 impl Statements {
     pub async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
+            advance_horizon: client.prepare(ADVANCE_HORIZON).await?,
             claim_events: client.prepare(CLAIM_EVENTS).await?,
             insert_deliveries: client.prepare(INSERT_DELIVERIES).await?,
             mark_dispatched: client.prepare(MARK_DISPATCHED).await?,
@@ -199,6 +205,16 @@ impl Statements {
             mark_failing: client.prepare(MARK_FAILING).await?,
             disable_failing: client.prepare(DISABLE_FAILING).await?,
         })
+    }
+
+    /// One step of moving the outbox horizon up; must be the first
+    /// statement of its transaction. True once it has caught up with every
+    /// event id handed out.
+    pub async fn advance_horizon(
+        &self,
+        db: &impl GenericClient,
+    ) -> Result<bool, tokio_postgres::Error> {
+        db.query_one(&self.advance_horizon, &[]).await?.try_get(0)
     }
 
     pub async fn claim_events(

@@ -20,14 +20,16 @@ use crate::db;
 /// Longest a monitor query (or connect) may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-// One round trip. Every count uses an index (`event_pending`,
-// `delivery_due`) except the subscriber one, which is a small table.
+// One round trip. Every count uses an index (the outbox's primary key above
+// its horizon, `delivery_due`) except the subscriber one, a small table.
 const BACKLOG: &str = "
     SELECT
       coalesce(pg_sequence_last_value(pg_get_serial_sequence('thorn.event', 'id')::regclass), 0)::int8,
-      (SELECT count(*) FROM thorn.event WHERE dispatched_at IS NULL),
+      (SELECT count(*) FROM thorn.event
+       WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL),
       coalesce((SELECT extract(epoch FROM now() - created_at) FROM thorn.event
-                WHERE dispatched_at IS NULL ORDER BY id LIMIT 1), 0)::float8,
+                WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL
+                ORDER BY id LIMIT 1), 0)::float8,
       (SELECT count(*) FROM thorn.delivery WHERE state = 'pending' AND next_attempt_at <= now()),
       (SELECT count(*) FROM thorn.delivery WHERE state = 'pending'),
       coalesce(extract(epoch FROM now() - (SELECT min(next_attempt_at) FROM thorn.delivery

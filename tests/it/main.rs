@@ -8,6 +8,7 @@ mod consumers;
 mod delivery;
 mod hostile;
 mod ops;
+mod outbox;
 mod policy;
 mod process;
 mod resilience;

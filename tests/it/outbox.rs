@@ -1,0 +1,141 @@
+//! The outbox horizon (sql/0007_horizon.sql): dispatchers find pending
+//! events above a low-water mark, which must never pass an event whose
+//! transaction is still open, however the commits interleave.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::support::{article_table, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT};
+
+async fn horizon(db: &Client) -> i64 {
+    db.query_one("SELECT low FROM thorn.outbox_horizon", &[])
+        .await
+        .expect("horizon")
+        .get(0)
+}
+
+fn title(r: &crate::support::Received) -> String {
+    r.json()["data"]["title"]
+        .as_str()
+        .expect("title")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_event_committed_after_later_ones_is_still_delivered() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+
+    // Two transactions take event ids and stay open: one through a capture
+    // trigger, one writing the outbox directly as its first statement.
+    let captured = t.client().await;
+    captured
+        .batch_execute("BEGIN; INSERT INTO article (title) VALUES ('held by a trigger')")
+        .await
+        .expect("held insert");
+    let direct = t.client().await;
+    direct
+        .batch_execute(
+            "BEGIN; INSERT INTO thorn.event (name, data)
+             VALUES ('article.created', '{\"title\": \"held, written directly\"}')",
+        )
+        .await
+        .expect("held direct insert");
+    let held: i64 = direct
+        .query_one("SELECT max(id) FROM thorn.event", &[])
+        .await
+        .expect("held id")
+        .get(0);
+
+    // Later events commit and arrive while the first two stay open, and
+    // every batch gives the horizon a chance to move.
+    for round in 0..5 {
+        db.execute(
+            "INSERT INTO article (title) VALUES ($1)",
+            &[&format!("later {round}")],
+        )
+        .await
+        .expect("later insert");
+        let got = rx.expect(1, WAIT, Duration::ZERO).await;
+        assert_eq!(title(&got[0]), format!("later {round}"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let low = horizon(&db).await;
+    assert!(
+        low < held - 1,
+        "the horizon ({low}) passed events still open (ids up to {held})"
+    );
+
+    captured.batch_execute("COMMIT").await.expect("commit");
+    direct.batch_execute("COMMIT").await.expect("commit");
+    let titles: HashSet<String> = rx.expect(2, WAIT, QUIET).await.iter().map(title).collect();
+    assert_eq!(
+        titles,
+        HashSet::from([
+            "held by a trigger".to_owned(),
+            "held, written directly".to_owned()
+        ])
+    );
+
+    // With nothing open any more, the horizon catches up with every event.
+    let last: i64 = db
+        .query_one("SELECT max(id) FROM thorn.event", &[])
+        .await
+        .expect("last id")
+        .get(0);
+    let deadline = Instant::now() + WAIT;
+    while horizon(&db).await < last {
+        assert!(Instant::now() < deadline, "the horizon does not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn interleaved_writers_lose_nothing_and_send_nothing_twice() {
+    const WRITERS: usize = 8;
+    const EACH: usize = 60;
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    // Two daemons, so horizon steps also race each other.
+    let daemons = [Daemon::start(t.config()), Daemon::start(t.config())];
+
+    // Each transaction takes its event id, then lingers a varying moment
+    // before it commits, so commits overtake one another all the time.
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let client = t.client().await;
+        writers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO article (title) VALUES ('{w}-{i}');
+                         SELECT pg_sleep({});
+                         COMMIT;",
+                        ((w * 7 + i * 3) % 5) as f64 / 1000.0
+                    ))
+                    .await
+                    .expect("write");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let got = rx.expect(WRITERS * EACH, WAIT * 2, QUIET).await;
+    let titles: HashSet<String> = got.iter().map(title).collect();
+    assert_eq!(got.len(), WRITERS * EACH, "an event was sent twice");
+    assert_eq!(titles.len(), WRITERS * EACH, "an event was lost");
+    for daemon in daemons {
+        daemon.stop().await;
+    }
+}
