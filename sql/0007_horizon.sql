@@ -77,6 +77,14 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    IF last_id < h.low THEN
+        -- The sequence went back (a restore or copy that did not carry it
+        -- over): start again from the bottom. Walking dispatched events once
+        -- is safe; stepping over new ones would not be.
+        h.low := 0;
+        h.next_low := 0;
+        h.next_xid := '0';
+    END IF;
     bound := h.low;
     IF pg_snapshot_xmin(pg_current_snapshot()) > h.next_xid THEN
         -- Settled: every id <= next_low is committed or gone. The next

@@ -102,7 +102,10 @@ impl Dispatcher {
                 continue;
             }
             // Dry for a while: ask writers to notify, then sweep once more
-            // for anything committed before they could see the request.
+            // for anything committed before they could see the request. The
+            // sweep also steps the horizon, which notices a sequence that
+            // went back.
+            behind = true;
             let armed = queue::arm_wakeup(&client).await?;
             let mut woken = true;
             if self

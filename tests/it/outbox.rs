@@ -139,3 +139,35 @@ async fn interleaved_writers_lose_nothing_and_send_nothing_twice() {
         daemon.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_sequence_set_back_below_the_horizon_restarts_it() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+    db.batch_execute(
+        "INSERT INTO article (title) SELECT 'first ' || i FROM generate_series(1, 20) i",
+    )
+    .await
+    .expect("insert");
+    rx.expect(20, WAIT, Duration::ZERO).await;
+    let deadline = Instant::now() + WAIT;
+    while horizon(&db).await < 20 {
+        assert!(Instant::now() < deadline, "the horizon does not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // As after a copy that did not carry the sequence over.
+    db.batch_execute(
+        "DELETE FROM thorn.event; SELECT setval('thorn.event_id_seq', 1, false);
+         INSERT INTO article (title) VALUES ('after the reset');",
+    )
+    .await
+    .expect("reset");
+    let got = rx.expect(1, WAIT, QUIET).await;
+    assert_eq!(title(&got[0]), "after the reset");
+    daemon.stop().await;
+}
