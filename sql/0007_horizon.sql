@@ -16,8 +16,9 @@
 -- Y. Later, once the oldest running transaction is younger than Y
 -- (pg_snapshot_xmin > Y), all of them have ended: every id <= P is
 -- committed and visible, or gone. The mark then moves to P, or to just
--- below the first of those events still pending. Only transactions that
--- wrote something hold the mark back; long read-only queries do not.
+-- below the first of those events still pending. What holds the mark back
+-- is any transaction with a transaction id, in any database of the
+-- cluster, prepared ones included; read-only queries do not.
 
 CREATE TABLE thorn.outbox_horizon (
     single   boolean PRIMARY KEY DEFAULT true CHECK (single),
@@ -67,40 +68,67 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     h thorn.outbox_horizon;
+    was thorn.outbox_horizon;
+    me xid8;
     bound bigint;
     first_pending bigint;
     last_id bigint;
 BEGIN
+    -- Guards for the argument above: it fails silently if broken.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'thorn.advance_outbox_horizon() must come first in its transaction';
+    END IF;
+    IF (SELECT seqcache FROM pg_sequence
+        WHERE seqrelid = 'thorn.event_id_seq'::regclass) <> 1 THEN
+        RAISE EXCEPTION 'thorn.event_id_seq must hand out ids in order'
+            USING HINT = 'ALTER SEQUENCE thorn.event_id_seq CACHE 1';
+    END IF;
     -- The sequence first: locking the row below takes our transaction id.
     last_id := coalesce(pg_sequence_last_value('thorn.event_id_seq'), 0);
     SELECT * INTO h FROM thorn.outbox_horizon FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
+        -- Another dispatcher is stepping; or the row is gone (a truncate,
+        -- a partial restore), and the mark starts again from the bottom.
+        IF NOT EXISTS (SELECT 1 FROM thorn.outbox_horizon) THEN
+            INSERT INTO thorn.outbox_horizon (low, next_low, next_xid)
+            VALUES (0, 0, '0') ON CONFLICT DO NOTHING;
+        END IF;
         RETURN false;
     END IF;
-    IF last_id < h.low THEN
-        -- The sequence went back (a restore or copy that did not carry it
-        -- over): start again from the bottom. Walking dispatched events once
-        -- is safe; stepping over new ones would not be.
+    was := h;
+    me := pg_current_xact_id();
+    IF last_id < h.next_low THEN
+        -- The sequence went back (a copy that did not carry it over):
+        -- start again from the bottom. Walking dispatched events once is
+        -- safe; stepping over new ones would not be.
         h.low := 0;
         h.next_low := 0;
+        h.next_xid := '0';
+    ELSIF h.next_xid >= me THEN
+        -- A transaction id from the future: the row was restored from
+        -- another cluster, where its candidate meant something. Drop it.
+        h.next_low := h.low;
         h.next_xid := '0';
     END IF;
     bound := h.low;
     IF pg_snapshot_xmin(pg_current_snapshot()) > h.next_xid THEN
         -- Settled: every id <= next_low is committed or gone. The next
         -- candidate: the sequence as read above, and our transaction id,
-        -- taken after it by the row lock.
+        -- taken after it.
         bound := h.next_low;
         h.next_low := last_id;
-        h.next_xid := pg_current_xact_id();
+        h.next_xid := me;
     END IF;
     -- A plain read, not SKIP LOCKED: an event another dispatcher is
     -- dispatching right now counts as pending until that one commits.
     SELECT min(id) INTO first_pending FROM thorn.event
     WHERE id > h.low AND id <= bound AND dispatched_at IS NULL;
     h.low := coalesce(first_pending - 1, bound);
-    UPDATE thorn.outbox_horizon
-    SET low = h.low, next_low = h.next_low, next_xid = h.next_xid;
+    -- Only a change writes a row version (claims read this row).
+    IF h IS DISTINCT FROM was THEN
+        UPDATE thorn.outbox_horizon
+        SET low = h.low, next_low = h.next_low, next_xid = h.next_xid;
+    END IF;
     RETURN h.low = last_id;
 END
 $$;

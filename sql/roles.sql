@@ -26,6 +26,8 @@ GRANT SELECT ON thorn.subscriber TO :"daemon";
 GRANT UPDATE (active, deactivated_reason, failing_since) ON thorn.subscriber TO :"daemon";
 -- Changing a subscriber bumps the version that daemons cache against.
 GRANT SELECT, UPDATE ON thorn.subscriber_version TO :"daemon";
+-- The outbox's id sequence: the monitor reports how many events were written.
+GRANT SELECT ON SEQUENCE thorn.event_id_seq TO :"daemon";
 -- The outbox horizon: read it to find pending events, move it up.
 GRANT SELECT ON thorn.outbox_horizon TO :"daemon";
 GRANT EXECUTE ON FUNCTION thorn.advance_outbox_horizon() TO :"daemon";

@@ -58,7 +58,8 @@ pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
         .query_one(
             "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
              FROM thorn.event
-             WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL",
+             WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0)
+               AND dispatched_at IS NULL",
             &[],
         )
         .await?;

@@ -79,8 +79,13 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 ///   35 ms per claim at 180,000 due rows, against about 2 ms). With both
 ///   off, the same estimates lead to the index walks, whose cost does not
 ///   grow with the queue.
+/// - `default_transaction_isolation = 'read committed'`: claims with
+///   `SKIP LOCKED` and the outbox horizon's steps rely on each statement
+///   seeing what committed before it; under a database default of
+///   repeatable read they would fail with serialisation errors instead.
 const DAEMON_SESSION: &str = "SET synchronous_commit = off; SET jit = off; \
-     SET enable_bitmapscan = off; SET enable_seqscan = off";
+     SET enable_bitmapscan = off; SET enable_seqscan = off; \
+     SET default_transaction_isolation = 'read committed'";
 
 async fn daemon_session(url: &str) -> Result<Client, tokio_postgres::Error> {
     let client = connect(url).await?;

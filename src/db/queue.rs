@@ -73,7 +73,7 @@ pub struct Completion {
 // on the primary key: writers maintain no index for them.
 const CLAIM_EVENTS: &str = "
     SELECT id, name, sender FROM thorn.event
-    WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL
+    WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED";

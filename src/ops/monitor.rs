@@ -26,9 +26,9 @@ const BACKLOG: &str = "
     SELECT
       coalesce(pg_sequence_last_value(pg_get_serial_sequence('thorn.event', 'id')::regclass), 0)::int8,
       (SELECT count(*) FROM thorn.event
-       WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL),
+       WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL),
       coalesce((SELECT extract(epoch FROM now() - created_at) FROM thorn.event
-                WHERE id > (SELECT low FROM thorn.outbox_horizon) AND dispatched_at IS NULL
+                WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL
                 ORDER BY id LIMIT 1), 0)::float8,
       (SELECT count(*) FROM thorn.delivery WHERE state = 'pending' AND next_attempt_at <= now()),
       (SELECT count(*) FROM thorn.delivery WHERE state = 'pending'),

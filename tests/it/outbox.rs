@@ -10,10 +10,13 @@ use tokio_postgres::Client;
 use crate::support::{article_table, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT};
 
 async fn horizon(db: &Client) -> i64 {
-    db.query_one("SELECT low FROM thorn.outbox_horizon", &[])
-        .await
-        .expect("horizon")
-        .get(0)
+    db.query_one(
+        "SELECT coalesce((SELECT low FROM thorn.outbox_horizon), -1)",
+        &[],
+    )
+    .await
+    .expect("horizon")
+    .get(0)
 }
 
 fn title(r: &crate::support::Received) -> String {
@@ -169,5 +172,47 @@ async fn a_sequence_set_back_below_the_horizon_restarts_it() {
     .expect("reset");
     let got = rx.expect(1, WAIT, QUIET).await;
     assert_eq!(title(&got[0]), "after the reset");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_horizon_restored_from_another_cluster_or_lost_still_moves() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    // A transaction id this cluster has not reached: as after a restore
+    // from a busier cluster.
+    db.batch_execute("UPDATE thorn.outbox_horizon SET next_xid = '4000000000000'")
+        .await
+        .expect("future xid");
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO article (title) SELECT 'a ' || i FROM generate_series(1, 10) i")
+        .await
+        .expect("insert");
+    rx.expect(10, WAIT, Duration::ZERO).await;
+    let deadline = Instant::now() + WAIT;
+    while horizon(&db).await < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "a future xid freezes the horizon"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The row gone altogether (a truncate, a partial restore).
+    db.batch_execute(
+        "DELETE FROM thorn.outbox_horizon;
+         INSERT INTO article (title) SELECT 'b ' || i FROM generate_series(1, 10) i;",
+    )
+    .await
+    .expect("lose the row");
+    rx.expect(10, WAIT, QUIET).await;
+    let deadline = Instant::now() + WAIT;
+    while horizon(&db).await < 20 {
+        assert!(Instant::now() < deadline, "the horizon is not re-made");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     daemon.stop().await;
 }
