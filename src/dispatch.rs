@@ -10,8 +10,9 @@
 //! It also owns the wake-up protocol of DESIGN.md §4: while work keeps
 //! coming it polls; once the outbox has been dry for `linger` it takes the
 //! wake-up lock (so writers start to NOTIFY), sweeps once more, and sleeps
-//! until a NOTIFY or the safety poll. When the lock is taken, it naps
-//! briefly and tries again (see [`ARM_RETRY`]).
+//! until a NOTIFY or the safety poll. When the lock is taken, it naps and
+//! tries again: briefly while writers hold it ([`WRITERS_NAP_MAX`]), longer
+//! while another daemon sleeps holding it ([`ARM_RETRY`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Dispatch as Settings;
-use crate::db::{self, queue};
+use crate::db;
+use crate::db::queue::{self, Arming};
 use crate::matcher::Matcher;
 use crate::ops::Probe;
 
@@ -34,11 +36,15 @@ const MAX_DELIVERIES_PER_BATCH: usize = 10_000;
 const LINGER_POLL: Duration = Duration::from_millis(2);
 
 /// Naps between tries at the wake-up lock, doubling from the first to the
-/// last. The lock is busy while writers that captured events are still in
-/// their transactions (usually a moment), or while another daemon sleeps
-/// holding it (its wake-up NOTIFY reaches this daemon too, so a long nap
-/// costs nothing then).
+/// last, while another daemon sleeps holding it: its wake-up NOTIFY reaches
+/// this daemon too, so a long nap costs nothing.
 const ARM_RETRY: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(500));
+
+/// The longest nap while writers hold the lock (they are still in their
+/// transactions: usually a moment, longer while the server's disk stalls
+/// their commits). Nobody NOTIFYs then, so an event committed during the
+/// nap waits for its end: it stays short.
+const WRITERS_NAP_MAX: Duration = Duration::from_millis(20);
 
 pub struct Dispatcher {
     pub url: String,
@@ -106,7 +112,8 @@ impl Dispatcher {
             // sweep also steps the horizon, which notices a sequence that
             // went back.
             behind = true;
-            let armed = queue::arm_wakeup(&client).await?;
+            let arming = queue::arm_wakeup(&client).await?;
+            let armed = arming == Arming::Armed;
             let mut woken = true;
             if self
                 .dispatch_batch(&mut client, &statements, &mut matcher, &mut behind)
@@ -116,7 +123,11 @@ impl Dispatcher {
                 let nap = if armed {
                     self.settings.poll_interval
                 } else {
-                    let nap = arm_retry.min(self.settings.poll_interval);
+                    let longest = match arming {
+                        Arming::Writers => WRITERS_NAP_MAX,
+                        _ => self.settings.poll_interval,
+                    };
+                    let nap = arm_retry.min(longest);
                     arm_retry = (arm_retry * 2).min(ARM_RETRY.1);
                     nap
                 };

@@ -420,17 +420,42 @@ pub async fn deactivate(
 /// triggers try (shared): see sql/0006_wakeup.sql.
 pub const WAKEUP_LOCK: (i32, i32) = (1_953_001_330, 1);
 
-/// Asks capture triggers to NOTIFY: this session is about to sleep. False
-/// when the lock is taken: by another daemon (which is then woken, and its
-/// wake-up reaches every listener), or by writers whose transactions have
-/// not ended yet (whose events the caller's sweep might miss).
-pub async fn arm_wakeup(db: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
-    db.query_one(
-        "SELECT pg_try_advisory_lock($1, $2)",
-        &[&WAKEUP_LOCK.0, &WAKEUP_LOCK.1],
-    )
-    .await?
-    .try_get(0)
+/// What came of asking for wake-ups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arming {
+    /// The lock is this session's: capture triggers NOTIFY.
+    Armed,
+    /// Another daemon sleeps holding it; its wake-up NOTIFY reaches every
+    /// listener, this one too.
+    OtherDaemon,
+    /// Writers whose transactions have not ended hold it: nobody NOTIFYs,
+    /// and the caller's sweep may miss their events until they commit.
+    Writers,
+}
+
+/// Asks capture triggers to NOTIFY: this session is about to sleep.
+pub async fn arm_wakeup(db: &impl GenericClient) -> Result<Arming, tokio_postgres::Error> {
+    let row = db
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2),
+                    EXISTS (SELECT 1 FROM pg_locks
+                            WHERE locktype = 'advisory'
+                              AND database = (SELECT oid FROM pg_database
+                                              WHERE datname = current_database())
+                              AND classid = $1::oid
+                              AND objid = $2::oid AND objsubid = 2
+                              AND mode = 'ExclusiveLock' AND granted
+                              AND pid <> pg_backend_pid())",
+            &[&WAKEUP_LOCK.0, &WAKEUP_LOCK.1],
+        )
+        .await?;
+    Ok(if row.try_get(0)? {
+        Arming::Armed
+    } else if row.try_get(1)? {
+        Arming::OtherDaemon
+    } else {
+        Arming::Writers
+    })
 }
 
 /// Stops the NOTIFYs this session asked for.
