@@ -35,6 +35,8 @@ pub struct AttemptLabels {
 pub struct Backlog {
     pub events_captured: i64,
     pub events_pending: i64,
+    /// Event ids above the outbox horizon (sql/0007_horizon.sql).
+    pub events_above_horizon: i64,
     pub oldest_pending_event: Duration,
     pub deliveries_due: i64,
     pub deliveries_pending: i64,
@@ -54,6 +56,7 @@ pub struct Metrics {
     commit_to_delivery: Histogram,
     events_captured: Gauge,
     events_pending: Gauge,
+    events_above_horizon: Gauge,
     oldest_pending_event: FloatGauge,
     deliveries_due: Gauge,
     deliveries_pending: Gauge,
@@ -102,6 +105,7 @@ impl Metrics {
             ]),
             events_captured: Gauge::default(),
             events_pending: Gauge::default(),
+            events_above_horizon: Gauge::default(),
             oldest_pending_event: FloatGauge::default(),
             deliveries_due: Gauge::default(),
             deliveries_pending: Gauge::default(),
@@ -158,6 +162,11 @@ impl Metrics {
             "events_pending",
             "Outbox events not yet dispatched",
             m.events_pending.clone(),
+        );
+        r.register(
+            "events_above_horizon",
+            "Event ids above the outbox horizon, which claims walk; grows while a transaction with an id stays open anywhere in the cluster",
+            m.events_above_horizon.clone(),
         );
         r.register_with_unit(
             "oldest_pending_event_age",
@@ -249,6 +258,7 @@ impl Metrics {
     pub fn set_backlog(&self, b: &Backlog) {
         self.events_captured.set(b.events_captured);
         self.events_pending.set(b.events_pending);
+        self.events_above_horizon.set(b.events_above_horizon);
         self.oldest_pending_event
             .set(b.oldest_pending_event.as_secs_f64());
         self.deliveries_due.set(b.deliveries_due);

@@ -35,7 +35,8 @@ const BACKLOG: &str = "
       coalesce(extract(epoch FROM now() - (SELECT min(next_attempt_at) FROM thorn.delivery
                 WHERE state = 'pending' AND next_attempt_at <= now())), 0)::float8,
       (SELECT count(*) FILTER (WHERE active) FROM thorn.subscriber),
-      (SELECT count(*) FILTER (WHERE NOT active) FROM thorn.subscriber)";
+      (SELECT count(*) FILTER (WHERE NOT active) FROM thorn.subscriber),
+      coalesce((SELECT low FROM thorn.outbox_horizon), 0)::int8";
 
 /// Half the watchdog interval (systemd's advice), at most 5 s, at least
 /// 100 ms; 5 s without a watchdog.
@@ -129,6 +130,7 @@ impl Monitor {
             oldest_due_delivery: secs(5),
             subscribers_active: count(6),
             subscribers_deactivated: count(7),
+            events_above_horizon: (count(0) - count(8)).max(0),
         })
     }
 }

@@ -514,6 +514,7 @@ async fn metrics_count_the_deliveries_actually_made() {
     assert_eq!(m("thorn_deliveries_created_total"), 10.0);
     assert_eq!(m("thorn_events_captured"), 5.0);
     assert_eq!(m("thorn_events_pending"), 0.0);
+    assert_eq!(m("thorn_events_above_horizon"), 0.0, "{text}");
     assert_eq!(m("thorn_deliveries_due"), 0.0);
     assert_eq!(m("thorn_deliveries_pending"), 0.0);
     assert_eq!(m("thorn_oldest_pending_event_age_seconds"), 0.0);
