@@ -449,6 +449,16 @@ async fn slow_poll_setup() -> (TestDb, Client, Receiver, thorn::config::Config) 
     (t, db, rx, config)
 }
 
+/// Inserts an article titled `title`; returns how long after the insert
+/// began its delivery arrived.
+async fn write_and_time(db: &Client, rx: &mut Receiver, title: &str) -> Duration {
+    let started = Instant::now();
+    db.execute("INSERT INTO article (title) VALUES ($1)", &[&title])
+        .await
+        .expect("insert");
+    rx.next(WAIT).await.expect("a delivery").at - started
+}
+
 #[tokio::test]
 async fn an_idle_daemon_wakes_promptly_on_notify() {
     let (_t, db, mut rx, config) = slow_poll_setup().await;
@@ -457,15 +467,7 @@ async fn an_idle_daemon_wakes_promptly_on_notify() {
     for i in 0..3 {
         // Dry, past the linger, asleep on the wake-up lock.
         wait_asleep(&db).await;
-        let started = Instant::now();
-        db.execute(
-            "INSERT INTO article (title) VALUES ($1)",
-            &[&format!("t{i}")],
-        )
-        .await
-        .expect("insert");
-        let got = rx.next(WAIT).await.expect("a delivery");
-        latencies.push(got.at - started);
+        latencies.push(write_and_time(&db, &mut rx, &format!("t{i}")).await);
     }
     assert!(
         latencies.iter().all(|l| *l < Duration::from_secs(5)),
@@ -518,18 +520,10 @@ async fn two_idle_daemons_wake_promptly_and_deliver_once() {
         // Long enough for the daemon without the lock to back off to its
         // longest nap.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        let started = Instant::now();
-        db.execute(
-            "INSERT INTO article (title) VALUES ($1)",
-            &[&format!("t{i}")],
-        )
-        .await
-        .expect("insert");
-        let got = rx.next(WAIT).await.expect("a delivery");
+        let took = write_and_time(&db, &mut rx, &format!("t{i}")).await;
         assert!(
-            got.at - started < Duration::from_secs(5),
-            "took {:?}; the safety poll is 30s",
-            got.at - started
+            took < Duration::from_secs(5),
+            "took {took:?}; the safety poll is 30s"
         );
     }
     assert!(rx.next(QUIET).await.is_none(), "a delivery arrived twice");

@@ -19,6 +19,27 @@ async fn horizon(db: &Client) -> i64 {
     .get(0)
 }
 
+/// Waits until the horizon has reached `at_least`; panics with `why` after
+/// the usual wait.
+async fn wait_horizon(db: &Client, at_least: i64, why: &str) {
+    let deadline = Instant::now() + WAIT;
+    while horizon(db).await < at_least {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An annotated `article` table with one subscriber (article.created) at a
+/// fresh receiver; no daemon yet.
+async fn setup() -> (TestDb, Client, Receiver) {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    (t, db, rx)
+}
+
 fn title(r: &crate::support::Received) -> String {
     r.json()["data"]["title"]
         .as_str()
@@ -28,11 +49,7 @@ fn title(r: &crate::support::Received) -> String {
 
 #[tokio::test]
 async fn an_event_committed_after_later_ones_is_still_delivered() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    article_table(&db).await;
-    let mut rx = Receiver::start().await;
-    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    let (t, db, mut rx) = setup().await;
     let daemon = Daemon::start(t.config());
 
     // Two transactions take event ids and stay open: one through a capture
@@ -92,11 +109,7 @@ async fn an_event_committed_after_later_ones_is_still_delivered() {
         .await
         .expect("last id")
         .get(0);
-    let deadline = Instant::now() + WAIT;
-    while horizon(&db).await < last {
-        assert!(Instant::now() < deadline, "the horizon does not catch up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_horizon(&db, last, "the horizon does not catch up").await;
     daemon.stop().await;
 }
 
@@ -104,11 +117,7 @@ async fn an_event_committed_after_later_ones_is_still_delivered() {
 async fn interleaved_writers_lose_nothing_and_send_nothing_twice() {
     const WRITERS: usize = 8;
     const EACH: usize = 60;
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    article_table(&db).await;
-    let mut rx = Receiver::start().await;
-    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    let (t, _db, mut rx) = setup().await;
     // Two daemons, so horizon steps also race each other.
     let daemons = [Daemon::start(t.config()), Daemon::start(t.config())];
 
@@ -145,11 +154,7 @@ async fn interleaved_writers_lose_nothing_and_send_nothing_twice() {
 
 #[tokio::test]
 async fn a_sequence_set_back_below_the_horizon_restarts_it() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    article_table(&db).await;
-    let mut rx = Receiver::start().await;
-    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    let (t, db, mut rx) = setup().await;
     let daemon = Daemon::start(t.config());
     db.batch_execute(
         "INSERT INTO article (title) SELECT 'first ' || i FROM generate_series(1, 20) i",
@@ -157,11 +162,7 @@ async fn a_sequence_set_back_below_the_horizon_restarts_it() {
     .await
     .expect("insert");
     rx.expect(20, WAIT, Duration::ZERO).await;
-    let deadline = Instant::now() + WAIT;
-    while horizon(&db).await < 20 {
-        assert!(Instant::now() < deadline, "the horizon does not catch up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_horizon(&db, 20, "the horizon does not catch up").await;
 
     // As after a copy that did not carry the sequence over.
     db.batch_execute(
@@ -177,11 +178,7 @@ async fn a_sequence_set_back_below_the_horizon_restarts_it() {
 
 #[tokio::test]
 async fn a_horizon_restored_from_another_cluster_or_lost_still_moves() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    article_table(&db).await;
-    let mut rx = Receiver::start().await;
-    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    let (t, db, mut rx) = setup().await;
     // A transaction id this cluster has not reached: as after a restore
     // from a busier cluster.
     db.batch_execute("UPDATE thorn.outbox_horizon SET next_xid = '4000000000000'")
@@ -192,14 +189,7 @@ async fn a_horizon_restored_from_another_cluster_or_lost_still_moves() {
         .await
         .expect("insert");
     rx.expect(10, WAIT, Duration::ZERO).await;
-    let deadline = Instant::now() + WAIT;
-    while horizon(&db).await < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "a future xid freezes the horizon"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_horizon(&db, 10, "a future xid freezes the horizon").await;
 
     // The row gone altogether (a truncate, a partial restore).
     db.batch_execute(
@@ -209,10 +199,6 @@ async fn a_horizon_restored_from_another_cluster_or_lost_still_moves() {
     .await
     .expect("lose the row");
     rx.expect(10, WAIT, QUIET).await;
-    let deadline = Instant::now() + WAIT;
-    while horizon(&db).await < 20 {
-        assert!(Instant::now() < deadline, "the horizon is not re-made");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_horizon(&db, 20, "the horizon is not re-made").await;
     daemon.stop().await;
 }
