@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (6, "wakeup", include_str!("../../sql/0006_wakeup.sql")),
     (7, "horizon", include_str!("../../sql/0007_horizon.sql")),
+    (
+        8,
+        "horizon_writers",
+        include_str!("../../sql/0008_horizon_writers.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -1,13 +1,16 @@
-//! The outbox horizon (sql/0007_horizon.sql): dispatchers find pending
-//! events above a low-water mark, which must never pass an event whose
-//! transaction is still open, however the commits interleave.
+//! The outbox horizon (sql/0007_horizon.sql, sql/0008_horizon_writers.sql):
+//! dispatchers find pending events above a low-water mark, which must never
+//! pass an event whose transaction is still open, however the commits
+//! interleave, and which only transactions that wrote the outbox hold back.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::support::{article_table, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT};
+use crate::support::{
+    article_table, base_url, connect, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT,
+};
 
 async fn horizon(db: &Client) -> i64 {
     db.query_one(
@@ -110,6 +113,53 @@ async fn an_event_committed_after_later_ones_is_still_delivered() {
         .expect("last id")
         .get(0);
     wait_horizon(&db, last, "the horizon does not catch up").await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn transactions_that_never_wrote_the_outbox_do_not_hold_the_horizon() {
+    let (t, db, mut rx) = setup().await;
+    db.batch_execute("CREATE TABLE unrelated (x int)")
+        .await
+        .expect("unrelated table");
+
+    // Two transactions with transaction ids stay open throughout: one in
+    // another database of the cluster, one here that writes a table thorn
+    // does not watch.
+    let elsewhere = connect(&base_url()).await;
+    elsewhere
+        .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .expect("open a transaction elsewhere");
+    let here = t.client().await;
+    here.batch_execute("BEGIN; INSERT INTO unrelated VALUES (1)")
+        .await
+        .expect("open a transaction here");
+
+    let daemon = Daemon::start(t.config());
+    for round in 0..3 {
+        db.execute(
+            "INSERT INTO article (title) VALUES ($1)",
+            &[&format!("while others stay open {round}")],
+        )
+        .await
+        .expect("insert");
+        rx.expect(1, WAIT, Duration::ZERO).await;
+    }
+    let last: i64 = db
+        .query_one("SELECT max(id) FROM thorn.event", &[])
+        .await
+        .expect("last id")
+        .get(0);
+    wait_horizon(
+        &db,
+        last,
+        "transactions that wrote no event hold the horizon back",
+    )
+    .await;
+
+    here.batch_execute("ROLLBACK").await.expect("rollback");
+    elsewhere.batch_execute("ROLLBACK").await.expect("rollback");
     daemon.stop().await;
 }
 
