@@ -50,6 +50,15 @@ fn title(r: &crate::support::Received) -> String {
         .to_owned()
 }
 
+/// Commits one article and waits for its delivery, alone.
+async fn insert_and_receive(db: &Client, rx: &mut Receiver, text: &str) {
+    db.execute("INSERT INTO article (title) VALUES ($1)", &[&text])
+        .await
+        .expect("insert");
+    let got = rx.expect(1, WAIT, Duration::ZERO).await;
+    assert_eq!(title(&got[0]), text);
+}
+
 #[tokio::test]
 async fn an_event_committed_after_later_ones_is_still_delivered() {
     let (t, db, mut rx) = setup().await;
@@ -79,14 +88,7 @@ async fn an_event_committed_after_later_ones_is_still_delivered() {
     // Later events commit and arrive while the first two stay open, and
     // every batch gives the horizon a chance to move.
     for round in 0..5 {
-        db.execute(
-            "INSERT INTO article (title) VALUES ($1)",
-            &[&format!("later {round}")],
-        )
-        .await
-        .expect("later insert");
-        let got = rx.expect(1, WAIT, Duration::ZERO).await;
-        assert_eq!(title(&got[0]), format!("later {round}"));
+        insert_and_receive(&db, &mut rx, &format!("later {round}")).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let low = horizon(&db).await;
@@ -138,13 +140,7 @@ async fn transactions_that_never_wrote_the_outbox_do_not_hold_the_horizon() {
 
     let daemon = Daemon::start(t.config());
     for round in 0..3 {
-        db.execute(
-            "INSERT INTO article (title) VALUES ($1)",
-            &[&format!("while others stay open {round}")],
-        )
-        .await
-        .expect("insert");
-        rx.expect(1, WAIT, Duration::ZERO).await;
+        insert_and_receive(&db, &mut rx, &format!("while others stay open {round}")).await;
     }
     let last: i64 = db
         .query_one("SELECT max(id) FROM thorn.event", &[])
