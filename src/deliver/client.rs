@@ -356,11 +356,24 @@ fn classify(error: &reqwest::Error) -> Failure {
                 ResolveError::Lookup(..) => Failure::Dns,
             };
         }
-        source = e.source();
+        if e.is::<rustls::Error>() {
+            return Failure::Tls;
+        }
+        // rustls's errors arrive wrapped in an io::Error (twice, from a
+        // connect), whose source() skips the error it wraps: step into it.
+        source = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(wrapped) => Some(wrapped),
+            None => e.source(),
+        };
     }
     if error.is_timeout() {
         return Failure::Timeout;
     }
+    // What rustls does not raise itself (a peer that hangs up mid-handshake)
+    // is known by its text only.
     let chain = describe(error).to_ascii_lowercase();
     if chain.contains("certificate") || chain.contains("tls") || chain.contains("handshake") {
         Failure::Tls
@@ -409,6 +422,35 @@ mod tests {
         assert!(parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT")
             .is_some_and(|d| d > Duration::from_secs(86400)));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_speak_tls_is_a_tls_failure() {
+        // It answers the ClientHello with plain HTTP: rustls's own error,
+        // whose text names neither TLS nor a certificate.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut hello = [0u8; 512];
+                let _ = socket.read(&mut hello).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let error = reqwest::Client::builder()
+            .resolve("receiver.test", addr)
+            .build()
+            .expect("client")
+            .get(format!("https://receiver.test:{}/", addr.port()))
+            .send()
+            .await
+            .expect_err("the request fails");
+        assert_eq!(classify(&error), Failure::Tls, "{error:?}");
     }
 
     #[test]
