@@ -638,6 +638,23 @@ fn check_config_prints_every_problem_with_its_key_and_exits_64() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("config ok"));
 
+    // The subcommands' own variables and the consumer examples' are not
+    // config keys: they may share the daemon's environment.
+    let (code, stdout, stderr) = check_config(
+        "",
+        &[
+            ("THORN_SIGN_SECRET", "s"),
+            ("THORN_RECEIVE_SECRET", "s"),
+            ("THORN_SUBSCRIBER_SECRET", "s"),
+            ("THORN_IMPORT_SOURCE_URL", "postgres://localhost/django"),
+            ("THORN_SECRET", "s"),
+            ("THORN_DIGEST", "sha256"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("config ok"));
+
     let (code, _, stderr) = check_config("[delivery\n", &[], &[]);
     assert_eq!(code, 64, "{stderr}");
 }
