@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "horizon_writers",
         include_str!("../../sql/0008_horizon_writers.sql"),
     ),
+    (
+        9,
+        "partitions",
+        include_str!("../../sql/0009_partitions.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

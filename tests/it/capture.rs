@@ -379,3 +379,84 @@ async fn subscriber_rows_are_validated_and_normalised() {
         .message()
         .contains("hmac_digest"));
 }
+
+/// A client whose server notices (RAISE WARNING …) arrive on a channel.
+async fn client_with_notices(t: &TestDb) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut connection) = tokio_postgres::connect(&t.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                let _ = tx.send(notice.message().to_owned());
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test]
+async fn a_partition_tree_is_captured_whole_once_every_table_is_annotated() {
+    let t = TestDb::new().await;
+    let (db, mut notices) = client_with_notices(&t).await;
+    db.batch_execute(
+        "CREATE TABLE part (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+         CREATE TABLE part1 PARTITION OF part FOR VALUES FROM (0) TO (10);
+         CREATE TABLE part2 PARTITION OF part FOR VALUES FROM (10) TO (20);
+         SELECT thorn.webhook_model('part');",
+    )
+    .await
+    .expect("annotate the parent");
+    let warning = notices.try_recv().expect("a warning about the partitions");
+    assert!(
+        warning.contains("not captured") && warning.contains("public.part1, public.part2"),
+        "{warning}"
+    );
+
+    // A partition annotated alone is warned about its parent.
+    db.batch_execute(
+        "CREATE TABLE other (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+         CREATE TABLE other1 PARTITION OF other FOR VALUES FROM (0) TO (10);
+         SELECT thorn.webhook_model('other1');",
+    )
+    .await
+    .expect("annotate a partition");
+    let warning = notices.try_recv().expect("a warning about the parent");
+    assert!(warning.contains("through public.other"), "{warning}");
+
+    // With every table of the tree annotated under one model: no warning,
+    // and each statement is captured once, whichever table it names.
+    db.batch_execute(
+        "SELECT thorn.webhook_model('part1', model => 'part');
+         SELECT thorn.webhook_model('part2', model => 'part');
+         SELECT thorn.webhook_model('part');
+         INSERT INTO part VALUES (1, 1, 'through the parent');
+         INSERT INTO part2 VALUES (2, 11, 'into a partition');
+         UPDATE part1 SET v = 'changed in a partition';
+         UPDATE part SET v = 'changed through the parent' WHERE id = 2;
+         DELETE FROM part;",
+    )
+    .await
+    .expect("writes");
+    assert!(
+        notices.try_recv().is_err(),
+        "no warning once all are annotated"
+    );
+    let got: Vec<(String, serde_json::Value)> = events(&db)
+        .await
+        .into_iter()
+        .map(|e| (e.0, e.3["v"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("part.created".into(), json!("through the parent")),
+            ("part.created".into(), json!("into a partition")),
+            ("part.changed".into(), json!("changed in a partition")),
+            ("part.changed".into(), json!("changed through the parent")),
+            ("part.removed".into(), json!("changed in a partition")),
+            ("part.removed".into(), json!("changed through the parent")),
+        ]
+    );
+}
