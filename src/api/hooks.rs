@@ -24,11 +24,13 @@ use super::Api;
 use crate::db::subscribers::{self, Changes, FieldErrors, Subscription};
 use crate::sign::Secret;
 
-/// A subscription as the API shows it: the row plus its own URL.
+/// A subscription as the API shows it: the row, Thorn's name for its
+/// owner (`user`, so Thorn's clients keep reading it) and its own URL.
 #[derive(Serialize)]
 struct View {
     #[serde(flatten)]
     row: Subscription,
+    user: Option<String>,
     subscription: String,
 }
 
@@ -44,7 +46,11 @@ fn view(api: &Api, headers: &HeaderMap, row: Subscription) -> View {
         }
     };
     let subscription = format!("{base}/hooks/{}/", row.id);
-    View { row, subscription }
+    View {
+        user: row.owner.clone(),
+        row,
+        subscription,
+    }
 }
 
 /// `PUT` and `POST` need every required field; `PATCH` takes any subset.

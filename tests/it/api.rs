@@ -88,6 +88,7 @@ async fn two_users_see_only_their_own_subscriptions() {
     }
     let id = created["id"].as_str().expect("id").to_owned();
     assert_eq!(created["owner"], "alice");
+    assert_eq!(created["user"], "alice", "Thorn's name for the owner");
     assert_eq!(created["hmac_digest"], "sha256");
     assert_eq!(created["content_type"], "application/json");
     assert_eq!(created["hmac_secret"].as_str().map(str::len), Some(64));
