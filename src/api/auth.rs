@@ -43,7 +43,7 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Reads the keys the config names; fails when none is usable.
+    /// Reads the keys the config names; fails when one is unusable.
     pub fn from_config(api: &ApiConfig) -> anyhow::Result<Auth> {
         let mut keys = Vec::new();
         if let Some(secret) = &api.jwt_secret {
@@ -74,7 +74,13 @@ impl Auth {
             keys.push(key);
         }
         if keys.is_empty() {
-            anyhow::bail!("api: set api.jwt_secret or api.jwt_public_key_file");
+            // The API still listens (the daemon's deliveries do not wait
+            // on it) but can trust nobody: every request gets a 401 saying
+            // why.
+            tracing::warn!(
+                "api.listen is set without api.jwt_secret or api.jwt_public_key_file: \
+                 the API refuses every request"
+            );
         }
         Ok(Auth {
             keys,
@@ -87,6 +93,12 @@ impl Auth {
 
     /// The caller named by the request's bearer token, or a 401.
     pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        if self.keys.is_empty() {
+            return Err(ApiError::unauthorized(
+                "this API has no key to check tokens with: set api.jwt_secret \
+                 or api.jwt_public_key_file",
+            ));
+        }
         let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
             ApiError::unauthorized("an Authorization: Bearer <JWT> header is required")
         })?;

@@ -6,8 +6,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::support::{
-    api_config, article_table, free_port, python_sign, token, token_with, unix_now, wait_for_port,
-    ApiServer, Daemon, Receiver, TestDb, QUIET, WAIT,
+    api_config, article_table, free_port, python_sign, subscribe, token, token_with, unix_now,
+    wait_for_port, ApiServer, Daemon, Receiver, TestDb, QUIET, WAIT,
 };
 
 struct Call {
@@ -584,5 +584,40 @@ async fn a_subscription_made_through_the_api_in_thorn_run_receives_signed_delive
     assert_eq!(got.json()["data"]["title"], "mine");
     let expected = python_sign(&[("sha1", &secret, &got.body)]);
     assert_eq!(got.header("hook-hmac"), expected[0]);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_api_without_a_token_key_refuses_every_request_and_the_daemon_still_delivers() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "article.created", &rx.url("/"), None, "secret").await;
+    // DESIGN's example: only api.listen, no key to check tokens with.
+    let mut config = t.config();
+    let port = free_port();
+    config.api.listen = Some(([127, 0, 0, 1], port).into());
+    let daemon = Daemon::start(config);
+    wait_for_port(port).await;
+
+    let answer = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/hooks/"))
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(answer.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let body = answer.text().await.expect("body");
+    assert!(body.contains("api.jwt_secret"), "{body}");
+
+    db.execute(
+        "INSERT INTO article (title) VALUES ('still delivered')",
+        &[],
+    )
+    .await
+    .expect("insert");
+    let got = rx.expect(1, WAIT, QUIET).await;
+    assert_eq!(got[0].json()["data"]["title"], "still delivered");
     daemon.stop().await;
 }
