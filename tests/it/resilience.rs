@@ -156,13 +156,16 @@ async fn sigkill_mid_run_loses_nothing() {
     let second = Process::run(&cfg);
     let got = receive_all(&mut rx, got, 300, Duration::from_secs(60)).await;
     wait_all_delivered(&db, 300).await;
-    // Duplicates can only be requests in flight at the kill: at most the
-    // concurrency limit.
+    // Duplicates can only be deliveries the first daemon had not recorded
+    // at the kill: requests in flight (at most the concurrency limit) and
+    // answered ones whose outcomes were still being written, a batch that a
+    // finished request leaves to the completer while its slot takes the
+    // next. Twice the limit leaves room for one such batch.
     let ids: HashSet<&str> = got.iter().map(|r| r.header("hook-delivery")).collect();
     assert_eq!(ids.len(), 300, "one delivery per event");
     let duplicates = got.len() - ids.len();
     assert!(
-        duplicates <= 8,
+        duplicates <= 2 * 8,
         "{duplicates} duplicates:\n{}",
         second.log()
     );
