@@ -10,29 +10,25 @@
 -- and, where it may have an event trigger, when a partition is created or
 -- attached.
 
--- The tables of tbl's partition tree that are not annotated, when at least
--- one table of it is ('a, b'), else NULL.
-CREATE FUNCTION thorn._unannotated_partitions(tbl regclass) RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT string_agg(t.relid::regclass::text, ', ' ORDER BY t.level, t.relid::regclass::text)
-           FILTER (WHERE m.table_name IS NULL)
-    FROM pg_partition_tree(coalesce(pg_partition_root(tbl), tbl)) AS t
-    LEFT JOIN thorn.model m ON m.table_name = t.relid
-    HAVING count(m.table_name) > 0
-$$;
-
+-- Warns about the tables of tbl's partition tree that are not annotated,
+-- when at least one table of it is.
 CREATE FUNCTION thorn._warn_partitions(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    missing text := thorn._unannotated_partitions(tbl);
+    root constant regclass := coalesce(pg_partition_root(tbl), tbl);
+    missing text;
 BEGIN
+    SELECT string_agg(t.relid::regclass::text, ', ' ORDER BY t.level, t.relid::regclass::text)
+           FILTER (WHERE m.table_name IS NULL)
+    INTO missing
+    FROM pg_partition_tree(root) AS t
+    LEFT JOIN thorn.model m ON m.table_name = t.relid
+    HAVING count(m.table_name) > 0;
     IF missing IS NOT NULL THEN
         RAISE WARNING 'thorn: the partition tree of % is annotated in part; statements that name these tables are not captured: %',
-            coalesce(pg_partition_root(tbl), tbl), missing
+            root, missing
             USING HINT = 'annotate every table of the tree with the same arguments '
                          '(SELECT thorn.webhook_model(<table>, model => …, …))';
     END IF;

@@ -15,20 +15,13 @@ use serde::Deserialize;
 /// The file read when neither `--config` nor `THORN_CONFIG` names one.
 pub const DEFAULT_PATH: &str = "/etc/thorn/thorn.toml";
 
-/// Environment variables that are not config keys: the config file's own,
-/// the subcommands' (clap reads them; a secret is better kept off the
-/// command line) and the consumer examples' in docs/examples. Any other
-/// `THORN_*` variable is a key, and an unknown one is an error, so that a
-/// misspelt setting is never silently ignored.
-const NOT_KEYS: &[&str] = &[
-    "THORN_CONFIG",
-    "THORN_SIGN_SECRET",
-    "THORN_RECEIVE_SECRET",
-    "THORN_SUBSCRIBER_SECRET",
-    "THORN_IMPORT_SOURCE_URL",
-    "THORN_SECRET",
-    "THORN_DIGEST",
-];
+/// Environment variables that are not config keys although they look like
+/// them: the file's own and the consumer examples' in docs/examples, which
+/// may share the daemon's environment. (The subcommands' own, such as
+/// `THORN_SIGN_SECRET`, are left out by the caller, which knows them.) Any
+/// other `THORN_*` variable is a key, and an unknown one is an error, so
+/// that a misspelt setting is never silently ignored.
+const NOT_KEYS: &[&str] = &["THORN_CONFIG", "THORN_SECRET", "THORN_DIGEST"];
 
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[

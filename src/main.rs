@@ -111,8 +111,28 @@ fn main() -> ExitCode {
 /// Reads the named file (or the default one if present) and the environment.
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let text = read_config_text(path)?;
-    let env: HashMap<String, String> = std::env::vars().collect();
-    Ok(Config::load(text.as_deref(), &env)?)
+    Ok(Config::load(text.as_deref(), &config_env())?)
+}
+
+/// The environment the config reads: everything but the variables the
+/// command line takes its own arguments from (`THORN_CONFIG`,
+/// `THORN_SIGN_SECRET`, …), which are not config keys.
+fn config_env() -> HashMap<String, String> {
+    fn arg_vars(command: &clap::Command, names: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            if let Some(name) = arg.get_env() {
+                names.push(name.to_string_lossy().into_owned());
+            }
+        }
+        for sub in command.get_subcommands() {
+            arg_vars(sub, names);
+        }
+    }
+    let mut cli_vars = Vec::new();
+    arg_vars(&<Cli as clap::CommandFactory>::command(), &mut cli_vars);
+    std::env::vars()
+        .filter(|(name, _)| !cli_vars.contains(name))
+        .collect()
 }
 
 /// The named file's text, or the default file's if it exists, or none.
@@ -139,8 +159,7 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
             return ExitCode::from(64);
         }
     };
-    let env: HashMap<String, String> = std::env::vars().collect();
-    let config = match thorn::ops::check::check(text.as_deref(), &env) {
+    let config = match thorn::ops::check::check(text.as_deref(), &config_env()) {
         Ok(config) => config,
         Err(problems) => {
             for problem in &problems {
@@ -229,8 +248,7 @@ async fn run(
         Command::Run => {
             let reloads = thorn::ops::reload::on_sighup(move || {
                 let text = read_config_text(path.as_deref()).map_err(|e| vec![format!("{e:#}")])?;
-                let env: HashMap<String, String> = std::env::vars().collect();
-                thorn::ops::check::check(text.as_deref(), &env)
+                thorn::ops::check::check(text.as_deref(), &config_env())
                     .map_err(|problems| problems.iter().map(ToString::to_string).collect())
             })?;
             let ops = thorn::ops::Ops {

@@ -607,7 +607,7 @@ async fn an_api_without_a_token_key_refuses_every_request_and_the_daemon_still_d
         .send()
         .await
         .expect("list");
-    assert_eq!(answer.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
     let body = answer.text().await.expect("body");
     assert!(body.contains("api.jwt_secret"), "{body}");
 
