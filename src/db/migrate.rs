@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partitions",
         include_str!("../../sql/0009_partitions.sql"),
     ),
+    (
+        10,
+        "partition_trees",
+        include_str!("../../sql/0010_partition_trees.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.
