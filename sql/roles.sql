@@ -28,6 +28,9 @@ GRANT UPDATE (active, deactivated_reason, failing_since) ON thorn.subscriber TO 
 GRANT SELECT, UPDATE ON thorn.subscriber_version TO :"daemon";
 -- The outbox's id sequence: the monitor reports how many events were written.
 GRANT SELECT ON SEQUENCE thorn.event_id_seq TO :"daemon";
+-- Annotations: at start the daemon warns about partitions left out of an
+-- annotated tree.
+GRANT SELECT ON thorn.model TO :"daemon";
 -- The outbox horizon: read it to find pending events, move it up.
 GRANT SELECT ON thorn.outbox_horizon TO :"daemon";
 GRANT EXECUTE ON FUNCTION thorn.advance_outbox_horizon() TO :"daemon";

@@ -40,6 +40,16 @@ pub async fn prepare_database(
     if !applied.is_empty() {
         tracing::info!(?applied, "database schema migrated");
     }
+    // Said once at start: a role without SELECT on thorn.model skips it.
+    match migrate::uncaptured_partitions(&client).await {
+        Ok(tables) if !tables.is_empty() => tracing::warn!(
+            tables = tables.join(", "),
+            "partitions of annotated tables are not annotated: statements that name them \
+             are not captured; annotate their parent again (thorn.webhook_model) so its tree follows"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::debug!(%error, "cannot check partition trees"),
+    }
     Ok(true)
 }
 

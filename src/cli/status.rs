@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::db::migrate;
 
 use super::{age, redact_url};
 
@@ -18,6 +19,8 @@ pub struct Status {
     pub active_subscribers: i64,
     pub failing_subscribers: Vec<Subscriber>,
     pub deactivated_subscribers: Vec<Subscriber>,
+    /// Partitions of annotated trees that are not annotated themselves.
+    pub uncaptured_partitions: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,6 +110,7 @@ pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
         active_subscribers: active,
         failing_subscribers: subscribers("active AND failing_since IS NOT NULL").await?,
         deactivated_subscribers: subscribers("NOT active").await?,
+        uncaptured_partitions: migrate::uncaptured_partitions(db).await?,
     })
 }
 
@@ -144,6 +148,13 @@ impl std::fmt::Display for Status {
                     .unwrap_or("disabled by an operator");
                 writeln!(f, "  {} {} {} ({reason})", s.id, s.event, s.url)?;
             }
+        }
+        if !self.uncaptured_partitions.is_empty() {
+            writeln!(
+                f,
+                "partitions not captured (annotate their parent again): {}",
+                self.uncaptured_partitions.join(", ")
+            )?;
         }
         Ok(())
     }

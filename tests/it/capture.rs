@@ -526,4 +526,19 @@ async fn a_partition_annotated_alone_is_warned_about() {
     .expect("annotate a partition");
     let warning = notices.try_recv().expect("a warning about the parent");
     assert!(warning.contains("not captured: public.other"), "{warning}");
+    let status = thorn::cli::status::collect(&db).await.expect("status");
+    assert_eq!(status.uncaptured_partitions, vec!["public.other"]);
+    assert!(
+        status
+            .to_string()
+            .contains("partitions not captured (annotate their parent again): public.other"),
+        "{status}"
+    );
+
+    // Annotating the parent brings the tree whole.
+    db.batch_execute("SELECT thorn.webhook_model('other')")
+        .await
+        .expect("annotate the parent");
+    let status = thorn::cli::status::collect(&db).await.expect("status");
+    assert!(status.uncaptured_partitions.is_empty(), "{status}");
 }
