@@ -142,7 +142,14 @@ const CLAIM_DELIVERIES: &str = "
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id";
 
-const COMPLETE: &str = "
+/// Records the outcomes of attempts.
+///
+/// Rows are fetched by id (`id = ANY`, a primary-key lookup per id), and the
+/// pending test is a CASE, so that no cached plan can reach them by walking
+/// a queue index instead: one built while the table held a few rows chose
+/// to hash-join every pending delivery (the whole backlog) at each call,
+/// 29 ms per completion at 100,000 pending.
+pub const COMPLETE: &str = "
     UPDATE thorn.delivery d SET
         state = u.state,
         attempts = d.attempts + 1,
@@ -159,7 +166,8 @@ const COMPLETE: &str = "
     FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
                 $7::int4[], $8::text[])
          AS u(id, state, delay_ms, status_code, error_class, error, duration_ms, response)
-    WHERE d.id = u.id AND d.state = 'pending'";
+    WHERE d.id = ANY ($1::uuid[]) AND d.id = u.id
+      AND CASE WHEN d.state = 'pending' THEN true END";
 
 // Subscriber health: a success clears failing_since, a failure sets it if
 // unset, and a subscriber failing longer than disable_after is switched off.
