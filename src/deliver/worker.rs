@@ -60,18 +60,15 @@ impl InFlight {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Counts a request in; `None` when its subscriber is at `limit`,
-    /// else whether this one brought it there.
-    fn try_enter(&self, delivery: Uuid, subscriber: Uuid, limit: usize) -> Option<bool> {
+    fn try_enter(&self, delivery: Uuid, subscriber: Uuid, limit: usize) -> bool {
         let mut t = self.lock();
         let n = t.per_subscriber.entry(subscriber).or_insert(0);
         if *n >= limit {
-            return None;
+            return false;
         }
         *n += 1;
-        let full = *n == limit;
         t.deliveries.insert(delivery);
-        Some(full)
+        true
     }
 
     fn leave(&self, delivery: Uuid, subscriber: Uuid) {
@@ -192,23 +189,16 @@ impl Worker {
             // The claim kept to the room, so nothing should be over: a
             // miscount costs a release here, not a lease's wait.
             let mut over_limit = Vec::new();
-            // Whether this claim took a subscriber up to its limit.
-            let mut filled = false;
             for delivery in claimed {
+                if !in_flight.try_enter(delivery.id, delivery.subscriber_id, limit) {
+                    over_limit.push(delivery.id);
+                    continue;
+                }
                 let Some(permit) = permits.pop() else {
                     over_limit.push(delivery.id);
                     continue;
                 };
-                match in_flight.try_enter(delivery.id, delivery.subscriber_id, limit) {
-                    Some(full) => {
-                        filled |= full;
-                        self.spawn_send(delivery, permit, in_flight.clone());
-                    }
-                    None => {
-                        permits.push(permit);
-                        over_limit.push(delivery.id);
-                    }
-                }
+                self.spawn_send(delivery, permit, in_flight.clone());
             }
             drop(permits);
             if !over_limit.is_empty() {
@@ -253,12 +243,7 @@ impl Worker {
                 _ = tokio::time::sleep(sleep) => continue,
                 _ = shutdown.cancelled() => return Ok(()),
             }
-            // A claim that took a subscriber up to its limit most likely left
-            // due rows of it behind, which each finished request makes room
-            // for: claim again at once (the claim's own duration gathers the
-            // requests finishing meanwhile). Without the pause, a single
-            // busy subscriber cycles its slots about 1.6 times as fast.
-            if held_back && !filled {
+            if held_back {
                 // Let a few more requests finish, so the next claim is a
                 // batch rather than one row per finished request.
                 tokio::select! {
