@@ -526,6 +526,13 @@ async fn a_partition_annotated_alone_is_warned_about() {
     .expect("annotate a partition");
     let warning = notices.try_recv().expect("a warning about the parent");
     assert!(warning.contains("not captured: public.other"), "{warning}");
+    // The daemon says so when it starts.
+    let daemon = crate::process::Process::run(&crate::resilience::config(&t, ""));
+    daemon
+        .wait_for_log("not captured", crate::support::WAIT)
+        .await;
+    assert!(daemon.log().contains("public.other"), "{}", daemon.log());
+    drop(daemon);
     let status = thorn::cli::status::collect(&db).await.expect("status");
     assert_eq!(status.uncaptured_partitions, vec!["public.other"]);
     assert!(
