@@ -181,7 +181,25 @@ BEGIN
 END
 $$;
 
--- Schema 9's warning, with a hint that says what follows now.
+-- The tables of tbl's partition tree that are not annotated, when one of
+-- them is: statements that name them are not captured. Parents first. Read
+-- by the warning below and by `thorn status` and the daemon's start.
+CREATE FUNCTION thorn.uncaptured_partitions(tbl regclass) RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH tree AS (
+        SELECT t.relid, t.level, m.table_name IS NOT NULL AS annotated
+        FROM pg_partition_tree(coalesce(pg_partition_root(tbl), tbl)) AS t
+        LEFT JOIN thorn.model m ON m.table_name = t.relid
+    )
+    SELECT relid::regclass::text FROM tree
+    WHERE NOT annotated AND EXISTS (SELECT 1 FROM tree WHERE annotated)
+    ORDER BY level, relid::regclass::text
+$$;
+
+-- Schema 9's warning, on the function above, with a hint that says what
+-- follows now.
 CREATE OR REPLACE FUNCTION thorn._warn_partitions(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -190,12 +208,8 @@ DECLARE
     root constant regclass := coalesce(pg_partition_root(tbl), tbl);
     missing text;
 BEGIN
-    SELECT string_agg(t.relid::regclass::text, ', ' ORDER BY t.level, t.relid::regclass::text)
-           FILTER (WHERE m.table_name IS NULL)
-    INTO missing
-    FROM pg_partition_tree(root) AS t
-    LEFT JOIN thorn.model m ON m.table_name = t.relid
-    HAVING count(m.table_name) > 0;
+    SELECT string_agg(u.name, ', ' ORDER BY u.n) INTO missing
+    FROM thorn.uncaptured_partitions(root) WITH ORDINALITY AS u(name, n);
     IF missing IS NOT NULL THEN
         RAISE WARNING 'thorn: the partition tree of % is annotated in part; statements that name these tables are not captured: %',
             root, missing

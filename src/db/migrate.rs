@@ -165,13 +165,11 @@ fn missing(
 pub async fn uncaptured_partitions(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
     client
         .query(
-            "SELECT c.relnamespace::regnamespace::text || '.' || quote_ident(c.relname) AS name
+            "SELECT DISTINCT u.name
              FROM (SELECT DISTINCT coalesce(pg_partition_root(table_name), table_name) AS root
                    FROM thorn.model) AS r
-             CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
-             JOIN pg_class c ON c.oid = t.relid
-             WHERE NOT EXISTS (SELECT 1 FROM thorn.model m WHERE m.table_name = t.relid)
-             ORDER BY name",
+             CROSS JOIN LATERAL thorn.uncaptured_partitions(r.root) AS u(name)
+             ORDER BY 1",
             &[],
         )
         .await?
