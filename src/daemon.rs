@@ -167,11 +167,12 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
         .await
         .is_err()
     {
-        let unfinished = in_flight.deliveries();
         abort.cancel();
         requests.wait().await;
-        release_unfinished(&config.database_url.0, &unfinished).await;
     }
+    // Requests cut off by the grace's end, and deliveries that were still
+    // waiting for their subscriber's requests.
+    release_unfinished(&config.database_url.0, &in_flight.deliveries()).await;
     // The sender's channel end went with its task and the requests' with
     // theirs: the completer writes what is left and returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
@@ -180,8 +181,9 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     Ok(())
 }
 
-/// Hands the leases of requests cut off by shutdown back at once, so another
-/// daemon sends them now instead of after the lease.
+/// Hands the leases of deliveries left unsent by shutdown (cut off, or
+/// still waiting) back at once, so another daemon sends them now instead of
+/// after the lease.
 async fn release_unfinished(url: &str, unfinished: &[uuid::Uuid]) {
     if unfinished.is_empty() {
         return;
@@ -193,12 +195,12 @@ async fn release_unfinished(url: &str, unfinished: &[uuid::Uuid]) {
     match released {
         Ok(n) => tracing::warn!(
             released = n,
-            "requests unfinished after the shutdown grace period were released"
+            "deliveries unfinished at shutdown were released"
         ),
         Err(error) => tracing::warn!(
             %error,
             unfinished = unfinished.len(),
-            "could not release unfinished requests; they are sent again when their leases expire"
+            "could not release unfinished deliveries; they are sent again when their leases expire"
         ),
     }
 }

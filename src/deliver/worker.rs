@@ -3,9 +3,17 @@
 //! Concurrency is bounded twice: a semaphore over all requests, and a count
 //! per subscriber that the claim query itself respects (a subscriber with n
 //! requests in flight gets at most limit − n more), so one slow endpoint
-//! holds at most its own share of the slots and never a lease it cannot use.
+//! holds at most its own share of the slots.
+//!
+//! A subscriber at its limit may have as many deliveries again claimed and
+//! waiting in memory: a finishing request starts the next one at once,
+//! instead of freeing its slot and waiting for a claim round trip. Claims
+//! refill the waiting line in the background, so a single busy endpoint is
+//! kept at its limit without its requests ever waiting on the database.
+//! A waiting delivery starts within one request's time, well inside its
+//! lease (at least twice `delivery.timeout`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,14 +50,31 @@ const BUSY_RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::f
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
-/// The requests in flight: their delivery ids, and a count per subscriber.
+/// The deliveries this sender holds: their ids, and per subscriber the
+/// requests in flight and the deliveries waiting for one of them to finish.
 #[derive(Default)]
 pub struct InFlight(Mutex<Tracked>);
 
 #[derive(Default)]
 struct Tracked {
-    per_subscriber: HashMap<Uuid, usize>,
+    per_subscriber: HashMap<Uuid, Line>,
     deliveries: HashSet<Uuid>,
+}
+
+#[derive(Default)]
+struct Line {
+    sending: usize,
+    waiting: VecDeque<queue::Claimed>,
+}
+
+/// What became of a claimed delivery.
+enum Admitted {
+    /// Send it now, in a slot of its own.
+    Send(Box<queue::Claimed>),
+    /// Its subscriber is at its limit: it waits for one of its requests.
+    Waiting,
+    /// Over every limit (the claim should have prevented it): release it.
+    Refused(Uuid),
 }
 
 impl InFlight {
@@ -60,45 +85,93 @@ impl InFlight {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn try_enter(&self, delivery: Uuid, subscriber: Uuid, limit: usize) -> bool {
+    /// Takes a claimed delivery in: to send now if its subscriber is below
+    /// `limit` and a slot is free, else to wait (up to `limit` of them).
+    fn admit(&self, delivery: queue::Claimed, limit: usize, slot_free: bool) -> Admitted {
         let mut t = self.lock();
-        let n = t.per_subscriber.entry(subscriber).or_insert(0);
-        if *n >= limit {
-            return false;
-        }
-        *n += 1;
-        t.deliveries.insert(delivery);
-        true
+        let (id, subscriber) = (delivery.id, delivery.subscriber_id);
+        let line = t.per_subscriber.entry(subscriber).or_default();
+        let admitted = if line.sending < limit && slot_free {
+            line.sending += 1;
+            Admitted::Send(Box::new(delivery))
+        } else if line.sending >= limit && line.waiting.len() < limit {
+            line.waiting.push_back(delivery);
+            Admitted::Waiting
+        } else {
+            if line.sending == 0 && line.waiting.is_empty() {
+                t.per_subscriber.remove(&subscriber);
+            }
+            return Admitted::Refused(id);
+        };
+        t.deliveries.insert(id);
+        admitted
     }
 
-    fn leave(&self, delivery: Uuid, subscriber: Uuid) {
+    /// Ends a request; returns the subscriber's next waiting delivery to
+    /// send in the same slot, if `go_on` and one is still fresh enough to
+    /// finish within its lease (older ones are left to their leases).
+    fn finish(
+        &self,
+        delivery: Uuid,
+        subscriber: Uuid,
+        go_on: bool,
+        fresh_for: Duration,
+    ) -> Option<queue::Claimed> {
         let mut t = self.lock();
         t.deliveries.remove(&delivery);
-        if let Some(n) = t.per_subscriber.get_mut(&subscriber) {
-            *n -= 1;
-            if *n == 0 {
+        let line = t.per_subscriber.get_mut(&subscriber)?;
+        let mut next = None;
+        let mut stale = Vec::new();
+        while go_on && next.is_none() {
+            match line.waiting.pop_front() {
+                Some(d) if d.claimed_at.elapsed() < fresh_for => next = Some(d),
+                Some(d) => stale.push(d.id),
+                None => break,
+            }
+        }
+        if next.is_none() {
+            line.sending -= 1;
+            if line.sending == 0 && line.waiting.is_empty() {
                 t.per_subscriber.remove(&subscriber);
             }
         }
+        for id in &stale {
+            t.deliveries.remove(id);
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                count = stale.len(),
+                "deliveries waited too long for their subscriber's requests; left to their leases"
+            );
+        }
+        next
     }
 
+    /// What the next claim may take per subscriber: below the limit, the
+    /// slots left; at it, the room left in its waiting line.
     fn room(&self, limit: usize) -> queue::Room {
         let mut room = queue::Room {
             limit,
             ..queue::Room::default()
         };
-        for (&id, &n) in &self.lock().per_subscriber {
-            if n >= limit {
+        for (&id, line) in &self.lock().per_subscriber {
+            let taken = if line.sending < limit {
+                line.sending
+            } else {
+                line.waiting.len()
+            };
+            if taken >= limit {
                 room.saturated.push(id);
             } else {
                 room.busy.push(id);
-                room.in_flight.push(i32::try_from(n).unwrap_or(i32::MAX));
+                room.in_flight
+                    .push(i32::try_from(taken).unwrap_or(i32::MAX));
             }
         }
         room
     }
 
-    /// The deliveries whose requests have not finished.
+    /// The deliveries claimed and not finished: in flight or waiting.
     pub fn deliveries(&self) -> Vec<Uuid> {
         self.lock().deliveries.iter().copied().collect()
     }
@@ -180,8 +253,15 @@ impl Worker {
                     }
                 }
             }
-            let wanted = permits.len();
             let room = in_flight.room(limit);
+            // Ask for no more than the subscribers in flight have room for,
+            // plus one subscriber's share for others: the claim reads four
+            // candidates per row asked for, and a hot subscriber's backlog
+            // would fill them with rows it cannot take.
+            let known: usize = (room.in_flight.iter())
+                .map(|&n| limit.saturating_sub(usize::try_from(n).unwrap_or(limit)))
+                .sum();
+            let wanted = permits.len().min(known + limit);
             let claimed = statements
                 .claim_deliveries(client, wanted as i64, self.settings.lease(), &room)
                 .await?;
@@ -190,15 +270,16 @@ impl Worker {
             // miscount costs a release here, not a lease's wait.
             let mut over_limit = Vec::new();
             for delivery in claimed {
-                if !in_flight.try_enter(delivery.id, delivery.subscriber_id, limit) {
-                    over_limit.push(delivery.id);
-                    continue;
+                match in_flight.admit(delivery, limit, !permits.is_empty()) {
+                    Admitted::Send(delivery) => match permits.pop() {
+                        Some(permit) => {
+                            self.spawn_send(*delivery, permit, in_flight.clone(), shutdown)
+                        }
+                        None => over_limit.push(delivery.id),
+                    },
+                    Admitted::Waiting => {}
+                    Admitted::Refused(id) => over_limit.push(id),
                 }
-                let Some(permit) = permits.pop() else {
-                    over_limit.push(delivery.id);
-                    continue;
-                };
-                self.spawn_send(delivery, permit, in_flight.clone());
             }
             drop(permits);
             if !over_limit.is_empty() {
@@ -254,11 +335,15 @@ impl Worker {
         }
     }
 
+    /// Sends `delivery` in its own task, then the subscriber's waiting
+    /// deliveries one after another in the same slot, until none is left
+    /// or the daemon stops (the ones still waiting are released then).
     fn spawn_send(
         &self,
         delivery: queue::Claimed,
         permit: OwnedSemaphorePermit,
         in_flight: Arc<InFlight>,
+        shutdown: &CancellationToken,
     ) {
         let client = self.client.clone();
         let done = self.done.clone();
@@ -266,25 +351,44 @@ impl Worker {
         let settings = self.settings.clone();
         let abort = self.abort.clone();
         let probe = self.probe.clone();
+        let stopping = shutdown.clone();
+        // A waiting delivery must be able to finish before its lease ends.
+        let fresh_for = settings.lease().saturating_sub(settings.timeout);
         self.tracker.spawn(async move {
-            let attempt = tokio::select! {
-                attempt = client.attempt(&delivery) => attempt,
-                // Past the shutdown grace: the caller releases the lease.
-                _ = abort.cancelled() => return,
-            };
-            let record = outcome(&delivery, &attempt, &settings);
-            let c = &record.completion;
-            let age = delivery.event_age + delivery.claimed_at.elapsed();
-            probe
-                .metrics()
-                .attempt(c.state, c.error_class, attempt.duration, Some(age));
-            in_flight.leave(delivery.id, delivery.subscriber_id);
-            drop(permit);
-            // A freed slot may be what the claimer waits for.
-            ready.notify_one();
-            // The completer outlives every sender, so this only fails if it
-            // crashed; the lease then brings the delivery back.
-            let _ = done.send(record).await;
+            let mut delivery = delivery;
+            let mut permit = Some(permit);
+            loop {
+                let attempt = tokio::select! {
+                    attempt = client.attempt(&delivery) => attempt,
+                    // Past the shutdown grace: the caller releases the lease.
+                    _ = abort.cancelled() => return,
+                };
+                let record = outcome(&delivery, &attempt, &settings);
+                let c = &record.completion;
+                let age = delivery.event_age + delivery.claimed_at.elapsed();
+                probe
+                    .metrics()
+                    .attempt(c.state, c.error_class, attempt.duration, Some(age));
+                let next = in_flight.finish(
+                    delivery.id,
+                    delivery.subscriber_id,
+                    !stopping.is_cancelled(),
+                    fresh_for,
+                );
+                if next.is_none() {
+                    permit.take();
+                }
+                // A freed slot or room in the waiting line may be what the
+                // claimer waits for.
+                ready.notify_one();
+                // The completer outlives every sender, so this only fails if
+                // it crashed; the lease then brings the delivery back.
+                let _ = done.send(record).await;
+                match next {
+                    Some(next) => delivery = next,
+                    None => return,
+                }
+            }
         });
     }
 }

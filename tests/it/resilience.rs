@@ -348,3 +348,58 @@ async fn requests_cut_off_by_shutdown_are_released_at_once() {
         .get(0);
     assert!(due, "{}", daemon.log());
 }
+
+/// A subscriber at its limit has as many deliveries again claimed and
+/// waiting in the daemon; stopping does not start them, and hands their
+/// leases back so that the next daemon need not wait a lease for them.
+#[tokio::test]
+async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let rx = Receiver::start().await;
+    rx.otherwise(Reply {
+        status: 200,
+        delay: Duration::from_secs(1),
+        ..Reply::default()
+    });
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    insert_items(&db, 1, 6).await;
+    let mut daemon = Process::run(&config(
+        &t,
+        r#"timeout = "10s"
+        lease = "60s"
+        per_subscriber_concurrency = 2
+        shutdown_grace = "10s""#,
+    ));
+    // Two in flight and two waiting hold leases; two stay due.
+    let leased = "SELECT count(*) FROM thorn.delivery WHERE next_attempt_at > now()";
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n: i64 = db.query_one(leased, &[]).await.expect("count").get(0);
+        if n == 4 {
+            break;
+        }
+        assert!(n < 4, "{n} leased past the limit and its waiting line");
+        assert!(Instant::now() < deadline, "{n} leased:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    assert_eq!(rx.max_in_flight(), 2);
+    let rows = db
+        .query(
+            "SELECT state, next_attempt_at <= now() FROM thorn.delivery ORDER BY state",
+            &[],
+        )
+        .await
+        .expect("deliveries");
+    let states: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let delivered = states.iter().filter(|(s, _)| s == "delivered").count();
+    let due = states
+        .iter()
+        .filter(|(s, due)| s == "pending" && *due)
+        .count();
+    assert_eq!((delivered, due), (2, 4), "{states:?}\n{}", daemon.log());
+}
