@@ -360,7 +360,7 @@ async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
     let rx = Receiver::start().await;
     rx.otherwise(Reply {
         status: 200,
-        delay: Duration::from_secs(1),
+        delay: Duration::from_secs(3),
         ..Reply::default()
     });
     subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
@@ -373,7 +373,8 @@ async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
         shutdown_grace = "10s""#,
     ));
     // Two in flight and two waiting hold leases; two stay due.
-    let leased = "SELECT count(*) FROM thorn.delivery WHERE next_attempt_at > now()";
+    let leased = "SELECT count(*) FROM thorn.delivery
+                  WHERE state = 'pending' AND next_attempt_at > now()";
     let deadline = Instant::now() + WAIT;
     loop {
         let n: i64 = db.query_one(leased, &[]).await.expect("count").get(0);
