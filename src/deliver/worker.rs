@@ -67,16 +67,6 @@ struct Line {
     waiting: VecDeque<queue::Claimed>,
 }
 
-/// What became of a claimed delivery.
-enum Admitted {
-    /// Send it now, in a slot of its own.
-    Send(Box<queue::Claimed>),
-    /// Its subscriber is at its limit: it waits for one of its requests.
-    Waiting,
-    /// Over every limit (the claim should have prevented it): release it.
-    Refused(Uuid),
-}
-
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
         // A panic while holding this lock cannot leave the maps inconsistent.
@@ -85,26 +75,36 @@ impl InFlight {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes a claimed delivery in: to send now if its subscriber is below
-    /// `limit` and a slot is free, else to wait (up to `limit` of them).
-    fn admit(&self, delivery: queue::Claimed, limit: usize, slot_free: bool) -> Admitted {
+    /// Takes a claimed delivery in. Below its subscriber's `limit` it takes
+    /// one of `permits` and comes back to be sent now; at the limit it waits
+    /// (up to `limit` of them): `None`. Past both, `Err` with its id, for
+    /// release (the claim should have prevented it).
+    fn admit(
+        &self,
+        delivery: queue::Claimed,
+        limit: usize,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Result<Option<(queue::Claimed, OwnedSemaphorePermit)>, Uuid> {
         let mut t = self.lock();
         let (id, subscriber) = (delivery.id, delivery.subscriber_id);
         let line = t.per_subscriber.entry(subscriber).or_default();
-        let admitted = if line.sending < limit && slot_free {
+        let admitted = if line.sending < limit {
+            let Some(permit) = permits.pop() else {
+                if line.sending == 0 && line.waiting.is_empty() {
+                    t.per_subscriber.remove(&subscriber);
+                }
+                return Err(id);
+            };
             line.sending += 1;
-            Admitted::Send(Box::new(delivery))
-        } else if line.sending >= limit && line.waiting.len() < limit {
+            Some((delivery, permit))
+        } else if line.waiting.len() < limit {
             line.waiting.push_back(delivery);
-            Admitted::Waiting
+            None
         } else {
-            if line.sending == 0 && line.waiting.is_empty() {
-                t.per_subscriber.remove(&subscriber);
-            }
-            return Admitted::Refused(id);
+            return Err(id);
         };
         t.deliveries.insert(id);
-        admitted
+        Ok(admitted)
     }
 
     /// Ends a request; returns the subscriber's next waiting delivery to
@@ -138,6 +138,7 @@ impl InFlight {
         for id in &stale {
             t.deliveries.remove(id);
         }
+        drop(t);
         if !stale.is_empty() {
             tracing::warn!(
                 count = stale.len(),
@@ -270,15 +271,12 @@ impl Worker {
             // miscount costs a release here, not a lease's wait.
             let mut over_limit = Vec::new();
             for delivery in claimed {
-                match in_flight.admit(delivery, limit, !permits.is_empty()) {
-                    Admitted::Send(delivery) => match permits.pop() {
-                        Some(permit) => {
-                            self.spawn_send(*delivery, permit, in_flight.clone(), shutdown)
-                        }
-                        None => over_limit.push(delivery.id),
-                    },
-                    Admitted::Waiting => {}
-                    Admitted::Refused(id) => over_limit.push(id),
+                match in_flight.admit(delivery, limit, &mut permits) {
+                    Ok(Some((delivery, permit))) => {
+                        self.spawn_send(delivery, permit, in_flight.clone(), shutdown)
+                    }
+                    Ok(None) => {}
+                    Err(id) => over_limit.push(id),
                 }
             }
             drop(permits);
