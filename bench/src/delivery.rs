@@ -34,6 +34,8 @@ pub struct Scale {
     pub e4_events: i64,
     pub e4_idle_wait: Duration,
     pub e5_events: i64,
+    /// Due deliveries the hanging subscriber has before E5's third pass.
+    pub e5_backlog: i64,
     pub e6_events: i64,
     pub e6_daemons: Vec<usize>,
 }
@@ -69,6 +71,8 @@ pub struct Results {
     pub e5_without: Runs,
     pub e5_with: Runs,
     pub e5_ratio: Runs,
+    pub e5_backlog_with: Runs,
+    pub e5_backlog_ratio: Runs,
     pub e5_hung: u64,
     pub e6: Vec<(usize, Runs)>,
     pub e6_duplicates: u64,
@@ -468,13 +472,36 @@ async fn e4(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
     setup.scratch.drop_now().await
 }
 
-/// E5: 99 healthy subscribers, with and without a 100th that hangs until
-/// the daemon's timeout. Throughput counts the 99 only.
+/// E5: 99 healthy subscribers, alone, beside a 100th that hangs until the
+/// daemon's timeout, and beside the same one holding a backlog of due
+/// deliveries from before the daemon started (which claims must pass over).
+/// Throughput counts the 99 only.
 async fn e5(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
-    let mut rates = [0.0; 2];
-    for (i, hang) in [false, true].into_iter().enumerate() {
-        let name = if hang { "e5_hang" } else { "e5_base" };
+    let mut rates = [0.0; 3];
+    let passes = [
+        ("e5_base", false, 0),
+        ("e5_hang", true, 0),
+        ("e5_backlog", true, scale.e5_backlog),
+    ];
+    for (i, (name, hang, backlog)) in passes.into_iter().enumerate() {
         let setup = env.setup(name, 99, hang).await?;
+        if backlog > 0 {
+            // Already dispatched: only the hanging subscriber has them.
+            setup
+                .client
+                .execute(
+                    "WITH e AS (
+                         INSERT INTO thorn.event (name, data, dispatched_at)
+                         SELECT 'article.created', '{}', now() FROM generate_series(1, $1::int8)
+                         RETURNING id)
+                     INSERT INTO thorn.delivery (id, event_id, subscriber_id)
+                     SELECT gen_random_uuid(), e.id, s.id
+                     FROM e, thorn.subscriber s WHERE s.url LIKE '%/hang'",
+                    &[&backlog],
+                )
+                .await
+                .context("the hanging subscriber's backlog")?;
+        }
         let mut d = [env.spawn(&setup, name)?];
         daemon::wait_idle(&setup.client, Duration::from_secs(20)).await?;
         env.recorder.take();
@@ -491,12 +518,14 @@ async fn e5(env: &Env, scale: &Scale, r: &mut Results) -> anyhow::Result<()> {
         setup.scratch.drop_now().await?;
     }
     eprintln!(
-        "  E5: without the hanging one {:.0}/s, with it {:.0}/s",
-        rates[0], rates[1]
+        "  E5: without the hanging one {:.0}/s, with it {:.0}/s, with it and its backlog {:.0}/s",
+        rates[0], rates[1], rates[2]
     );
     r.e5_without.push(rates[0]);
     r.e5_with.push(rates[1]);
     r.e5_ratio.push(rates[1] / rates[0]);
+    r.e5_backlog_with.push(rates[2]);
+    r.e5_backlog_ratio.push(rates[2] / rates[0]);
     Ok(())
 }
 

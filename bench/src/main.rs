@@ -148,6 +148,7 @@ async fn run_scenarios(cli: &Cli) -> anyhow::Result<()> {
             e4_events: 5_000,
             e4_idle_wait: Duration::from_secs(1),
             e5_events: 20,
+            e5_backlog: 2_000,
             e6_events: 2_000,
             e6_daemons: vec![1, 2, 4],
         }
@@ -162,6 +163,7 @@ async fn run_scenarios(cli: &Cli) -> anyhow::Result<()> {
             e4_events: 200_000,
             e4_idle_wait: Duration::from_secs(5),
             e5_events: 200,
+            e5_backlog: 100_000,
             e6_events: 50_000,
             e6_daemons: vec![1, 2, 4],
         }

@@ -363,6 +363,25 @@ pub fn markdown(
             "≥ 0.90",
             Some(e.e5_ratio.median() >= 0.9),
         );
+        row(
+            &e5,
+            &format!(
+                "99 healthy, with the hanging one holding {} due deliveries: deliveries/s",
+                e_scale.e5_backlog
+            ),
+            &e.e5_backlog_with,
+            0,
+            "",
+            None,
+        );
+        row(
+            &e5,
+            "with the hanging one and its backlog / without",
+            &e.e5_backlog_ratio,
+            2,
+            "(≥ 0.90)",
+            Some(e.e5_backlog_ratio.median() >= 0.9),
+        );
         for (k, runs) in &e.e6 {
             row(
                 &format!("E6 backlog of {} events", e_scale.e6_events),
@@ -447,6 +466,7 @@ pub fn chart(path: &Path, write: &WriteResults, engine: Option<&Results>) -> any
         add("E4", &e.e4_rate, 5);
         add("E5 alone", &e.e5_without, 5);
         add("E5 +hang", &e.e5_with, 6);
+        add("E5 +backlog", &e.e5_backlog_with, 6);
         for (k, r) in &e.e6 {
             add(&format!("E6 ×{k}"), r, 2);
         }

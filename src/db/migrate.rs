@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partition_trees",
         include_str!("../../sql/0010_partition_trees.sql"),
     ),
+    (
+        11,
+        "subscriber_due",
+        include_str!("../../sql/0011_subscriber_due.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -44,15 +44,14 @@ pub struct Claimed {
     pub claimed_at: Instant,
 }
 
-/// The requests a sender has in flight per subscriber, against its limit.
+/// What a sender holds per subscriber, against its limit per subscriber.
 #[derive(Debug, Default)]
 pub struct Room {
     pub limit: usize,
-    /// Subscribers at the limit.
-    pub saturated: Vec<Uuid>,
-    /// Subscribers below it with requests in flight, and how many.
-    pub busy: Vec<Uuid>,
-    pub in_flight: Vec<i32>,
+    /// Subscribers with deliveries held, and how many of the limit each
+    /// has taken (the limit itself when it is full).
+    pub subscribers: Vec<Uuid>,
+    pub taken: Vec<i32>,
 }
 
 /// How an attempt ended, as stored on the delivery row.
@@ -88,59 +87,90 @@ const ADVANCE_HORIZON: &str = "SELECT thorn.advance_outbox_horizon()";
 
 // A claim pushes next_attempt_at one lease ahead: that is the lease.
 //
-// Per-subscriber limits are kept inside the query, so a claim never takes
-// what it would have to hand back: subscribers at their limit ($3) are
-// skipped, and among the due rows of the others, a subscriber with n
-// requests in flight ($4, $5) gets at most $6 - n. The candidates are read
-// past the batch ($1 × 4), so one hot subscriber's backlog does not hide the
-// others'.
+// Claims go round the subscribers that have pending deliveries, in id
+// order, starting after the one the last claim ended with ($5), and take
+// from each only what it has room for: $4 minus the requests it already
+// has ($2, $3); an ordered subscriber only its oldest pending delivery, if
+// that one is due (so one at a time, in event order). Finding the next
+// subscriber is one descent of `delivery_subscriber_due`, and the walk stops
+// as soon as the batch ($1) is full. So a backlog that cannot be sent (a
+// subscriber at its limit, or an ordered one behind its oldest) costs a
+// claim one descent, where a walk over all due rows in due order read every
+// row of it (sql/0011_subscriber_due.sql). Going round also shares the
+// sender fairly: each subscriber in turn gets what it has room for.
 //
-// An ordered subscriber only ever has its oldest pending delivery claimed,
-// which also keeps it to one in flight; the check is a subquery per
-// candidate row, so it costs a lookup only for the rows the scan reaches.
-// Locks only delivery rows (FOR UPDATE OF d), so daemons never queue on a
-// subscriber row.
-const CLAIM_DELIVERIES: &str = "
-    WITH candidate AS (
-        SELECT d.id, d.subscriber_id, d.next_attempt_at FROM thorn.delivery d
-        WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-          AND d.subscriber_id <> ALL ($3::uuid[])
-          AND (SELECT NOT s.ordered OR NOT EXISTS (
-                      SELECT 1 FROM thorn.delivery p
-                      WHERE p.subscriber_id = d.subscriber_id AND p.state = 'pending'
-                        AND (p.event_id, p.created_at, p.id) < (d.event_id, d.created_at, d.id))
-               FROM thorn.subscriber s WHERE s.id = d.subscriber_id)
-        ORDER BY d.next_attempt_at
-        LIMIT $1::int8 * 4
-    ), room AS (
-        SELECT c.id, c.next_attempt_at,
-               row_number() OVER (PARTITION BY c.subscriber_id ORDER BY c.next_attempt_at) AS nth,
-               $6::int4 - coalesce(busy.n, 0) AS free
-        FROM candidate c
-        LEFT JOIN unnest($4::uuid[], $5::int4[]) AS busy (subscriber_id, n)
-               ON busy.subscriber_id = c.subscriber_id
+// `ring` yields, per subscriber with pending rows, its id and earliest
+// next_attempt_at (the first entry of its index range): first those after
+// the cursor (lap 0), then from the start up to the cursor (lap 1). The
+// seed row is the cursor itself and is never taken (its first_due is NULL).
+//
+// The ordered branch bounds subscriber_id by a range, not `=`: with `=` the
+// planner may walk `delivery_event` (every delivery, in event order) and
+// filter, since it alone also yields event order then.
+//
+// Rows are locked by id (FOR UPDATE OF d SKIP LOCKED); the recheck that
+// they are still due is a CASE, so no plan can turn it into an index walk.
+// Only delivery rows are locked, so daemons never queue on a subscriber.
+pub const CLAIM_DELIVERIES: &str = "
+    WITH RECURSIVE ring (subscriber_id, first_due, lap) AS (
+        SELECT $5::uuid, NULL::timestamptz, 0
+        UNION ALL
+        SELECT n.subscriber_id, n.next_attempt_at, n.lap
+        FROM ring r CROSS JOIN LATERAL (
+            (SELECT d.subscriber_id, d.next_attempt_at, r.lap FROM thorn.delivery d
+             WHERE d.state = 'pending' AND d.subscriber_id > r.subscriber_id
+             ORDER BY d.subscriber_id, d.next_attempt_at LIMIT 1)
+            UNION ALL
+            (SELECT d.subscriber_id, d.next_attempt_at, 1 FROM thorn.delivery d
+             WHERE r.lap = 0 AND d.state = 'pending'
+             ORDER BY d.subscriber_id, d.next_attempt_at LIMIT 1)
+            LIMIT 1
+        ) n
+        WHERE n.lap = 0 OR n.subscriber_id <= $5
+    ), turn AS (
+        SELECT r.subscriber_id,
+               (SELECT s.ordered FROM thorn.subscriber s WHERE s.id = r.subscriber_id) AS ordered,
+               $4::int4 - coalesce((SELECT b.n FROM unnest($2::uuid[], $3::int4[]) AS b (id, n)
+                                    WHERE b.id = r.subscriber_id), 0) AS room
+        FROM ring r
+        WHERE r.first_due <= now()
+    ), pick AS (
+        SELECT x.id FROM turn t CROSS JOIN LATERAL (
+            (SELECT d.id FROM thorn.delivery d
+             WHERE NOT t.ordered AND d.subscriber_id = t.subscriber_id
+               AND d.state = 'pending' AND d.next_attempt_at <= now()
+             ORDER BY d.subscriber_id, d.next_attempt_at
+             LIMIT t.room)
+            UNION ALL
+            SELECT oldest.id FROM (
+                SELECT d.id, d.next_attempt_at FROM thorn.delivery d
+                WHERE t.ordered AND d.state = 'pending'
+                  AND d.subscriber_id >= t.subscriber_id AND d.subscriber_id <= t.subscriber_id
+                ORDER BY d.subscriber_id, d.event_id, d.created_at, d.id
+                LIMIT 1
+            ) oldest
+            WHERE oldest.next_attempt_at <= now()
+        ) x
+        WHERE t.room > 0
+        LIMIT $1
     ), due AS (
-        -- Locking rechecks that the row is still due (another daemon may
-        -- have claimed it since this statement's snapshot). The rows are
-        -- fetched by id; the recheck is a CASE so that the planner cannot
-        -- turn it into a scan of the queue index instead.
-        SELECT d.id
-        FROM unnest(ARRAY(SELECT r.id FROM room r WHERE r.nth <= r.free
-                          ORDER BY r.next_attempt_at LIMIT $1)) AS pick (id)
-        JOIN thorn.delivery d ON d.id = pick.id
+        SELECT d.id, p.ord
+        FROM unnest(ARRAY(SELECT id FROM pick)) WITH ORDINALITY AS p (id, ord)
+        JOIN thorn.delivery d ON d.id = p.id
         WHERE CASE WHEN d.state = 'pending' THEN d.next_attempt_at <= now() END
         FOR UPDATE OF d SKIP LOCKED
     ), claimed AS (
-        UPDATE thorn.delivery d SET next_attempt_at = now() + $2::float8 * interval '1 second'
+        UPDATE thorn.delivery d SET next_attempt_at = now() + $6::float8 * interval '1 second'
         FROM due WHERE d.id = due.id
-        RETURNING d.id, d.attempts, d.event_id, d.subscriber_id
+        RETURNING d.id, d.attempts, d.event_id, d.subscriber_id, due.ord
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
            s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
            s.hmac_signer, extract(epoch FROM now() - e.created_at)::float8
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
-    JOIN thorn.subscriber s ON s.id = c.subscriber_id";
+    JOIN thorn.subscriber s ON s.id = c.subscriber_id
+    ORDER BY c.ord";
 
 /// Records the outcomes of attempts.
 ///
@@ -261,14 +291,17 @@ impl Statements {
         db.execute(&self.mark_dispatched, &[&events]).await
     }
 
-    /// Claims up to `limit` due deliveries, at most `room.limit` in flight
-    /// per subscriber.
+    /// Claims up to `limit` due deliveries, within each subscriber's room,
+    /// going round the subscribers from the one after `after`. They come
+    /// back in that order: the last one's subscriber is where the next claim
+    /// should start after.
     pub async fn claim_deliveries(
         &self,
         db: &impl GenericClient,
         limit: i64,
         lease: Duration,
         room: &Room,
+        after: Uuid,
     ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
         let per_subscriber = i32::try_from(room.limit).unwrap_or(i32::MAX);
         let rows = db
@@ -276,11 +309,11 @@ impl Statements {
                 &self.claim_deliveries,
                 &[
                     &limit,
-                    &lease.as_secs_f64(),
-                    &room.saturated,
-                    &room.busy,
-                    &room.in_flight,
+                    &room.subscribers,
+                    &room.taken,
                     &per_subscriber,
+                    &after,
+                    &lease.as_secs_f64(),
                 ],
             )
             .await?;
@@ -398,11 +431,24 @@ pub async fn release(db: &impl GenericClient, ids: &[Uuid]) -> Result<u64, tokio
 }
 
 /// Time until the earliest pending delivery is due (zero if one is due now).
+///
+/// The earliest of each subscriber's first entry in `delivery_subscriber_due`,
+/// found one descent per subscriber as claims do.
 pub async fn next_due(db: &impl GenericClient) -> Result<Option<Duration>, tokio_postgres::Error> {
     let secs: Option<f64> = db
         .query_one(
-            "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
-             FROM thorn.delivery WHERE state = 'pending'",
+            "WITH RECURSIVE ring (subscriber_id, first_due) AS (
+                 (SELECT subscriber_id, next_attempt_at FROM thorn.delivery
+                  WHERE state = 'pending'
+                  ORDER BY subscriber_id, next_attempt_at LIMIT 1)
+                 UNION ALL
+                 SELECT n.subscriber_id, n.next_attempt_at
+                 FROM ring r CROSS JOIN LATERAL (
+                     SELECT d.subscriber_id, d.next_attempt_at FROM thorn.delivery d
+                     WHERE d.state = 'pending' AND d.subscriber_id > r.subscriber_id
+                     ORDER BY d.subscriber_id, d.next_attempt_at LIMIT 1) n
+             )
+             SELECT extract(epoch FROM min(first_due) - now())::float8 FROM ring",
             &[],
         )
         .await?

@@ -161,13 +161,8 @@ impl InFlight {
             } else {
                 line.waiting.len()
             };
-            if taken >= limit {
-                room.saturated.push(id);
-            } else {
-                room.busy.push(id);
-                room.in_flight
-                    .push(i32::try_from(taken).unwrap_or(i32::MAX));
-            }
+            room.subscribers.push(id);
+            room.taken.push(i32::try_from(taken).unwrap_or(i32::MAX));
         }
         room
     }
@@ -226,6 +221,9 @@ impl Worker {
         let limit = self.settings.per_subscriber_concurrency;
         let gather = batch.min(self.settings.concurrency) / 4;
         let mut busy_retry = BUSY_RETRY.0;
+        // Where in the round of subscribers the next claim starts; a random
+        // start spreads several daemons over it.
+        let mut after = Uuid::new_v4();
         loop {
             self.probe.beat();
             let first = tokio::select! {
@@ -255,17 +253,13 @@ impl Worker {
                 }
             }
             let room = in_flight.room(limit);
-            // Ask for no more than the subscribers in flight have room for,
-            // plus one subscriber's share for others: the claim reads four
-            // candidates per row asked for, and a hot subscriber's backlog
-            // would fill them with rows it cannot take.
-            let known: usize = (room.in_flight.iter())
-                .map(|&n| limit.saturating_sub(usize::try_from(n).unwrap_or(limit)))
-                .sum();
-            let wanted = permits.len().min(known + limit);
+            let wanted = permits.len();
             let claimed = statements
-                .claim_deliveries(client, wanted as i64, self.settings.lease(), &room)
+                .claim_deliveries(client, wanted as i64, self.settings.lease(), &room, after)
                 .await?;
+            if let Some(last) = claimed.last() {
+                after = last.subscriber_id;
+            }
             let got = claimed.len();
             // The claim kept to the room, so nothing should be over: a
             // miscount costs a release here, not a lease's wait.
@@ -292,7 +286,7 @@ impl Worker {
             }
             // Requests were in flight: per-subscriber limits may be what
             // stopped the claim, and finishing requests will wake us.
-            let held_back = room.busy.len() + room.saturated.len() > 0;
+            let held_back = !room.subscribers.is_empty();
             // Caught up, or held back by per-subscriber limits (then, having
             // got something, there is no need to ask what is due): sleep
             // until new work, a finished request, the next due retry or the

@@ -11,6 +11,7 @@ mod ops;
 mod outbox;
 mod policy;
 mod process;
+mod queries;
 mod resilience;
 mod security;
 mod support;
