@@ -1,17 +1,23 @@
--- thorn schema, version 11: due deliveries indexed per subscriber.
+-- thorn schema, version 11: pending deliveries indexed per subscriber too.
 --
--- Claims walked `delivery_due`, every pending delivery in due order, past
--- the rows they could not take: those of a subscriber at its concurrency
--- limit, and those of an ordered subscriber behind its oldest. One such
--- subscriber with a backlog made every claim, for every subscriber, read
--- that whole backlog: 42 ms per claim at 100,000 rows of a subscriber at
--- its limit, 700 ms at 100,000 rows of an ordered one.
+-- Claims walk `delivery_due`, every pending delivery in due order, and skip
+-- the rows they cannot take: those of a subscriber at its concurrency limit,
+-- and those of an ordered subscriber behind its oldest. One such subscriber
+-- with a backlog made every claim, for every subscriber, read that whole
+-- backlog: 42 ms per claim behind 100,000 rows of a subscriber at its limit,
+-- 700 ms behind 100,000 rows of an ordered one.
 --
--- Claims now go round the subscribers that have pending deliveries, one
--- index descent each, and read from each only the rows it can take
--- (src/db/queue.rs), so their cost follows the number of subscribers, not
--- the rows waiting. This index serves both, in place of `delivery_due`:
--- the same number of index entries per delivery row as before.
+-- Claims still start with the head of `delivery_due` (cheap while the rows
+-- due now are few or can be taken, however many subscribers wait for a
+-- later retry); when the head is full of rows they cannot take, they go
+-- round the subscribers with pending rows instead, one descent of this
+-- index each, and read from each only what it has room for
+-- (src/db/queue.rs). Its rows are all pending deliveries, leased and
+-- waiting for a retry included; the first entry of a subscriber's range is
+-- its earliest next attempt.
+--
+-- Built in the migration's transaction, so writes to thorn.delivery wait
+-- for it (seconds per million rows kept); daemons of an older version keep
+-- working beside it.
 CREATE INDEX delivery_subscriber_due ON thorn.delivery (subscriber_id, next_attempt_at)
     WHERE state = 'pending';
-DROP INDEX thorn.delivery_due;

@@ -21,8 +21,7 @@ use crate::db;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 // One round trip. Every count uses an index (the outbox's primary key above
-// its horizon, the pending deliveries' `delivery_subscriber_due`) except the
-// subscriber one, a small table.
+// its horizon, `delivery_due`) except the subscriber one, a small table.
 const BACKLOG: &str = "
     SELECT
       coalesce(pg_sequence_last_value(pg_get_serial_sequence('thorn.event', 'id')::regclass), 0)::int8,
