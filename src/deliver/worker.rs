@@ -253,7 +253,14 @@ impl Worker {
                 }
             }
             let room = in_flight.room(limit);
-            let wanted = permits.len();
+            // Ask for no more than the subscribers held have room for, plus
+            // one subscriber's share for others: a claim reads as many rows
+            // as it asks for at the head of the queue, and with one busy
+            // subscriber those would be its rows, mostly past its room.
+            let known: usize = (room.taken.iter())
+                .map(|&n| limit.saturating_sub(usize::try_from(n).unwrap_or(limit)))
+                .sum();
+            let wanted = permits.len().min(known + limit);
             let claimed = statements
                 .claim_deliveries(client, wanted as i64, self.settings.lease(), &room, after)
                 .await?;
