@@ -332,10 +332,10 @@ impl Statements {
         db.execute(&self.mark_dispatched, &[&events]).await
     }
 
-    /// Claims up to `limit` due deliveries, within each subscriber's room,
-    /// going round the subscribers from the one after `after`. They come
-    /// back in that order: the last one's subscriber is where the next claim
-    /// should start after.
+    /// Claims up to `limit` due deliveries, within each subscriber's room
+    /// (see CLAIM_DELIVERIES). When it goes round the subscribers, it starts
+    /// after `after`, and the last delivery's subscriber is where the next
+    /// claim should start after.
     pub async fn claim_deliveries(
         &self,
         db: &impl GenericClient,
