@@ -128,6 +128,47 @@ async fn claims_pass_over_backlogs_they_cannot_take_at_a_constant_cost() {
     );
 }
 
+/// When the head of the queue is full of rows nobody can take, a claim
+/// goes round the subscribers in id order from the one after where the
+/// last claim ended, each getting what it has room for, and wraps round to
+/// end with that one.
+#[tokio::test]
+async fn claims_go_round_the_subscribers_from_where_the_last_one_ended() {
+    let t = TestDb::new().await;
+    let db = daemon_session(&t).await;
+    let [x1, x2, x3] = [
+        "00000000-0000-0000-0000-0000000000b1",
+        "00000000-0000-0000-0000-0000000000b2",
+        "00000000-0000-0000-0000-0000000000b3",
+    ];
+    db.batch_execute(&format!(
+        "INSERT INTO thorn.subscriber (id, event, url) VALUES
+             ('{FULL}', '*', 'http://127.0.0.1:1/full'), ('{x1}', '*', 'http://127.0.0.1:1/1'),
+             ('{x2}', '*', 'http://127.0.0.1:1/2'), ('{x3}', '*', 'http://127.0.0.1:1/3');
+         INSERT INTO thorn.event (name, data) SELECT 'a.created', '{{}}' FROM generate_series(1, 20);
+         INSERT INTO thorn.delivery (id, event_id, subscriber_id, next_attempt_at)
+         SELECT gen_random_uuid(), e.id, '{FULL}', now() - interval '1 hour' FROM thorn.event e;
+         INSERT INTO thorn.event (name, data) SELECT 'a.created', '{{}}' FROM generate_series(1, 3);
+         INSERT INTO thorn.delivery (id, event_id, subscriber_id)
+         SELECT gen_random_uuid(), e.id, s.id FROM thorn.event e, thorn.subscriber s
+         WHERE e.id > 20 AND s.id <> '{FULL}';
+         PREPARE claim AS {};",
+        thorn::db::queue::CLAIM_DELIVERIES
+    ))
+    .await
+    .expect("a queue whose head is FULL's");
+    // FULL holds its two of two; the subscriber of each claimed row.
+    let round = |wanted: i32, after: &str| {
+        format!("BEGIN; EXECUTE claim({wanted}, '{{{FULL}}}', '{{2}}', 2, '{after}', 30); ROLLBACK")
+    };
+    assert_eq!(column(&db, &round(4, x1), 7).await, [x2, x2, x3, x3]);
+    assert_eq!(column(&db, &round(4, x3), 7).await, [x1, x1, x2, x2]);
+    assert_eq!(
+        column(&db, &round(10, x2), 7).await,
+        [x3, x3, x1, x1, x2, x2]
+    );
+}
+
 /// Subscribers whose deliveries wait for a later retry (failing endpoints
 /// in back-off) must not cost every claim: going round all subscribers
 /// with pending rows did, one index descent each (30 ms per claim with
