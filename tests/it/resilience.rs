@@ -286,19 +286,26 @@ async fn several_daemons_deliver_each_event_exactly_once() {
     drop(daemons);
 }
 
-#[tokio::test]
-async fn sigterm_lets_requests_finish_then_exits_zero() {
-    let t = TestDb::new().await;
+/// The items table with `items` rows captured, and one subscriber whose
+/// endpoint answers 200 after `delay`: what the shutdown tests start from.
+async fn slow_subscriber_with_items(t: &TestDb, delay: Duration, items: i32) -> (Client, Receiver) {
     let db = t.client().await;
     item_table(&db).await;
-    let mut rx = Receiver::start().await;
+    let rx = Receiver::start().await;
     rx.otherwise(Reply {
         status: 200,
-        delay: Duration::from_millis(700),
+        delay,
         ..Reply::default()
     });
     subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    insert_items(&db, 1, 3).await;
+    insert_items(&db, 1, items).await;
+    (db, rx)
+}
+
+#[tokio::test]
+async fn sigterm_lets_requests_finish_then_exits_zero() {
+    let t = TestDb::new().await;
+    let (db, mut rx) = slow_subscriber_with_items(&t, Duration::from_millis(700), 3).await;
     let mut daemon = Process::run(&config(&t, r#"timeout = "3s""#));
     rx.next(WAIT).await.expect("a request in flight");
     daemon.signal("TERM");
@@ -317,16 +324,7 @@ async fn sigterm_lets_requests_finish_then_exits_zero() {
 #[tokio::test]
 async fn requests_cut_off_by_shutdown_are_released_at_once() {
     let t = TestDb::new().await;
-    let db = t.client().await;
-    item_table(&db).await;
-    let mut rx = Receiver::start().await;
-    rx.otherwise(Reply {
-        status: 200,
-        delay: Duration::from_secs(20),
-        ..Reply::default()
-    });
-    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    insert_items(&db, 1, 1).await;
+    let (db, mut rx) = slow_subscriber_with_items(&t, Duration::from_secs(20), 1).await;
     let mut daemon = Process::run(&config(
         &t,
         r#"timeout = "10s"
@@ -355,16 +353,7 @@ async fn requests_cut_off_by_shutdown_are_released_at_once() {
 #[tokio::test]
 async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
     let t = TestDb::new().await;
-    let db = t.client().await;
-    item_table(&db).await;
-    let rx = Receiver::start().await;
-    rx.otherwise(Reply {
-        status: 200,
-        delay: Duration::from_secs(3),
-        ..Reply::default()
-    });
-    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    insert_items(&db, 1, 6).await;
+    let (db, rx) = slow_subscriber_with_items(&t, Duration::from_secs(3), 6).await;
     let mut daemon = Process::run(&config(
         &t,
         r#"timeout = "10s"
