@@ -188,12 +188,14 @@ pub const CLAIM_DELIVERIES: &str = "
         ) x
         WHERE t.room > 0
         LIMIT $1
+    ), way AS (
+        -- Round only when the head was full and gave less than a batch.
+        SELECT (SELECT count(*) FROM head) >= $1
+               AND (SELECT count(*) FROM head_pick) < $1 AS round
     ), pick AS (
-        SELECT id FROM head_pick
-        WHERE (SELECT count(*) FROM head) < $1 OR (SELECT count(*) FROM head_pick) >= $1
+        SELECT id FROM head_pick WHERE NOT (SELECT round FROM way)
         UNION ALL
-        SELECT id FROM ring_pick
-        WHERE (SELECT count(*) FROM head) >= $1 AND (SELECT count(*) FROM head_pick) < $1
+        SELECT id FROM ring_pick WHERE (SELECT round FROM way)
     ), due AS (
         SELECT d.id, p.ord
         FROM unnest(ARRAY(SELECT id FROM pick)) WITH ORDINALITY AS p (id, ord)

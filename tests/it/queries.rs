@@ -85,6 +85,18 @@ async fn claim_cost(db: &Client) -> u64 {
     buffers(db, CLAIM).await
 }
 
+/// A claim's cost (see `claim_cost`) before and after `grow`: it must not
+/// double, whatever `grow` adds.
+async fn claim_cost_stays_flat(db: &Client, grow: &str, what: &str) {
+    let small = claim_cost(db).await;
+    db.batch_execute(grow).await.expect(what);
+    let large = claim_cost(db).await;
+    assert!(
+        large <= small * 2,
+        "a claim touched {small} buffers before {what} and {large} after"
+    );
+}
+
 /// `n` events, each with a delivery due an hour ago for the subscriber at
 /// its limit and for the ordered one.
 fn blocked_backlog(n: i32) -> String {
@@ -117,15 +129,12 @@ async fn claims_pass_over_backlogs_they_cannot_take_at_a_constant_cost() {
     ))
     .await
     .expect("a blocked backlog");
-    let small = claim_cost(&db).await;
-    db.batch_execute(&blocked_backlog(30_000))
-        .await
-        .expect("a thirty times longer one");
-    let large = claim_cost(&db).await;
-    assert!(
-        large <= small * 2,
-        "a claim touched {small} buffers behind 1,000 blocked rows and {large} behind 31,000"
-    );
+    claim_cost_stays_flat(
+        &db,
+        &blocked_backlog(30_000),
+        "blocked backlogs grew from 1,000 to 31,000 rows",
+    )
+    .await;
 }
 
 /// When the head of the queue is full of rows nobody can take, a claim
@@ -191,15 +200,12 @@ async fn claims_pass_over_subscribers_waiting_for_a_retry_at_a_constant_cost() {
         )
     };
     db.batch_execute(&waiting(50)).await.expect("50 waiting");
-    let small = claim_cost(&db).await;
-    db.batch_execute(&waiting(1_950))
-        .await
-        .expect("2,000 waiting");
-    let large = claim_cost(&db).await;
-    assert!(
-        large <= small * 2,
-        "a claim touched {small} buffers beside 50 subscribers waiting for a retry and {large} beside 2,000"
-    );
+    claim_cost_stays_flat(
+        &db,
+        &waiting(1_950),
+        "subscribers waiting for a retry grew from 50 to 2,000",
+    )
+    .await;
 }
 
 /// A plan cached while the queue held a few rows must still reach the rows
