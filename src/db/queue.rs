@@ -44,14 +44,24 @@ pub struct Claimed {
     pub claimed_at: Instant,
 }
 
-/// What a sender holds per subscriber, against its limit per subscriber.
+/// What a claim may take per subscriber: `limit` for a subscriber this
+/// sender holds nothing of, and for the ones it holds, their own room.
 #[derive(Debug, Default)]
 pub struct Room {
     pub limit: usize,
-    /// Subscribers with deliveries held, and how many of the limit each
-    /// has taken (the limit itself when it is full).
+    /// Subscribers with deliveries held, and how many more each may take.
     pub subscribers: Vec<Uuid>,
-    pub taken: Vec<i32>,
+    pub rooms: Vec<i32>,
+}
+
+impl Room {
+    /// The deliveries the held subscribers have room for, in all.
+    pub fn held_room(&self) -> usize {
+        self.rooms
+            .iter()
+            .map(|&n| usize::try_from(n).unwrap_or(0))
+            .sum()
+    }
 }
 
 /// How an attempt ended, as stored on the delivery row.
@@ -87,9 +97,10 @@ const ADVANCE_HORIZON: &str = "SELECT thorn.advance_outbox_horizon()";
 
 // A claim pushes next_attempt_at one lease ahead: that is the lease.
 //
-// What a claim may take: per subscriber, $4 minus what this sender already
-// holds for it ($2, $3); of an ordered subscriber only its oldest pending
-// delivery, and only if that one is due (so one at a time, in event order).
+// What a claim may take: per subscriber, its room ($3 for the subscribers
+// $2 this sender holds deliveries of, $4 for any other); of an ordered
+// subscriber only its oldest pending delivery, and only if that one is due
+// (so one at a time, in event order).
 //
 // Two ways to find it, each cheap where the other is not:
 //
@@ -123,7 +134,7 @@ const ADVANCE_HORIZON: &str = "SELECT thorn.advance_outbox_horizon()";
 // they are still due is a CASE, so no plan can turn it into an index walk.
 // Only delivery rows are locked, so daemons never queue on a subscriber.
 pub const CLAIM_DELIVERIES: &str = "
-    WITH RECURSIVE held (subscriber_id, n) AS (
+    WITH RECURSIVE held (subscriber_id, room) AS (
         SELECT * FROM unnest($2::uuid[], $3::int4[])
     ), head AS (
         SELECT d.id, d.subscriber_id, d.next_attempt_at FROM thorn.delivery d
@@ -134,8 +145,8 @@ pub const CLAIM_DELIVERIES: &str = "
         SELECT c.id FROM (
             SELECT h.id,
                    row_number() OVER (PARTITION BY h.subscriber_id ORDER BY h.next_attempt_at) AS nth,
-                   $4::int4 - coalesce((SELECT b.n FROM held b
-                                        WHERE b.subscriber_id = h.subscriber_id), 0) AS room
+                   coalesce((SELECT b.room FROM held b
+                             WHERE b.subscriber_id = h.subscriber_id), $4::int4) AS room
             FROM head h
             WHERE (SELECT NOT s.ordered OR h.id = (
                           SELECT o.id FROM thorn.delivery o
@@ -165,8 +176,8 @@ pub const CLAIM_DELIVERIES: &str = "
     ), turn AS (
         SELECT r.subscriber_id,
                (SELECT s.ordered FROM thorn.subscriber s WHERE s.id = r.subscriber_id) AS ordered,
-               $4::int4 - coalesce((SELECT b.n FROM held b
-                                    WHERE b.subscriber_id = r.subscriber_id), 0) AS room
+               coalesce((SELECT b.room FROM held b
+                         WHERE b.subscriber_id = r.subscriber_id), $4::int4) AS room
         FROM ring r
         WHERE r.first_due <= now()
     ), ring_pick AS (
@@ -353,7 +364,7 @@ impl Statements {
                 &[
                     &limit,
                     &room.subscribers,
-                    &room.taken,
+                    &room.rooms,
                     &per_subscriber,
                     &after,
                     &lease.as_secs_f64(),

@@ -51,10 +51,10 @@ const FULL: &str = "00000000-0000-0000-0000-0000000000a1";
 const ORDERED: &str = "00000000-0000-0000-0000-0000000000a2";
 const FREE: &str = "00000000-0000-0000-0000-0000000000a3";
 
-/// Ten wanted, two per subscriber, and FULL holds its two already; the
-/// round starts from the lowest id.
+/// Ten wanted, two per subscriber, and FULL has no room left (it holds its
+/// two); the round starts from the lowest id.
 const CLAIM: &str =
-    "EXECUTE claim(10, '{00000000-0000-0000-0000-0000000000a1}', '{2}', 2, '00000000-0000-0000-0000-000000000000', 30)";
+    "EXECUTE claim(10, '{00000000-0000-0000-0000-0000000000a1}', '{0}', 2, '00000000-0000-0000-0000-000000000000', 30)";
 
 /// Three subscribers (at its limit, ordered, free), five deliveries due
 /// for the free one, and the claim prepared as the daemon's generic plan.
@@ -166,9 +166,10 @@ async fn claims_go_round_the_subscribers_from_where_the_last_one_ended() {
     ))
     .await
     .expect("a queue whose head is FULL's");
-    // FULL holds its two of two; the subscriber of each claimed row.
+    // FULL has no room (it holds its two of two); the subscriber of each
+    // claimed row.
     let round = |wanted: i32, after: &str| {
-        format!("BEGIN; EXECUTE claim({wanted}, '{{{FULL}}}', '{{2}}', 2, '{after}', 30); ROLLBACK")
+        format!("BEGIN; EXECUTE claim({wanted}, '{{{FULL}}}', '{{0}}', 2, '{after}', 30); ROLLBACK")
     };
     assert_eq!(column(&db, &round(4, x1), 7).await, [x2, x2, x3, x3]);
     assert_eq!(column(&db, &round(4, x3), 7).await, [x1, x1, x2, x2]);

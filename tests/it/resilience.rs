@@ -347,30 +347,32 @@ async fn requests_cut_off_by_shutdown_are_released_at_once() {
     assert!(due, "{}", daemon.log());
 }
 
-/// A subscriber at its limit has as many deliveries again claimed and
-/// waiting in the daemon; stopping does not start them, and hands their
-/// leases back so that the next daemon need not wait a lease for them.
+/// A subscriber at its limit has more deliveries claimed and waiting in the
+/// daemon, as many times its limit as the lease leaves timeouts for (here
+/// two: a 30 s lease less a 10 s timeout); stopping does not start them,
+/// and hands their leases back so that the next daemon need not wait a
+/// lease for them.
 #[tokio::test]
 async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
     let t = TestDb::new().await;
-    let (db, rx) = slow_subscriber_with_items(&t, Duration::from_secs(3), 6).await;
+    let (db, rx) = slow_subscriber_with_items(&t, Duration::from_secs(3), 10).await;
     let mut daemon = Process::run(&config(
         &t,
         r#"timeout = "10s"
-        lease = "60s"
+        lease = "30s"
         per_subscriber_concurrency = 2
         shutdown_grace = "10s""#,
     ));
-    // Two in flight and two waiting hold leases; two stay due.
+    // Two in flight and four waiting hold leases; four stay due.
     let leased = "SELECT count(*) FROM thorn.delivery
                   WHERE state = 'pending' AND next_attempt_at > now()";
     let deadline = Instant::now() + WAIT;
     loop {
         let n: i64 = db.query_one(leased, &[]).await.expect("count").get(0);
-        if n == 4 {
+        if n == 6 {
             break;
         }
-        assert!(n < 4, "{n} leased past the limit and its waiting line");
+        assert!(n < 6, "{n} leased past the limit and its waiting line");
         assert!(Instant::now() < deadline, "{n} leased:\n{}", daemon.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -391,5 +393,5 @@ async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
         .iter()
         .filter(|(s, due)| s == "pending" && *due)
         .count();
-    assert_eq!((delivered, due), (2, 4), "{states:?}\n{}", daemon.log());
+    assert_eq!((delivered, due), (2, 8), "{states:?}\n{}", daemon.log());
 }
