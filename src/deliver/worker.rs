@@ -37,7 +37,9 @@ const GATHER: Duration = Duration::from_millis(2);
 /// A waiting line holds at most this many times a subscriber's limit. One
 /// line (the limit) let a single fast subscriber's requests wait on claims:
 /// its 32 requests emptied a line of 32 in under a millisecond, less than a
-/// claim takes. Four lines: 17,500 deliveries/s against 9,800/s (E1).
+/// claim takes. Four lines, and the next claim as soon as they have room
+/// for half a line: about 17,000 deliveries/s against 10,000 (E1,
+/// BENCHMARKS.md, Profiling item 16).
 const MAX_LINES: usize = 4;
 
 /// A subscriber's share of this sender: requests in flight at once, and
