@@ -3,8 +3,10 @@
 //! second instead of one per request.
 //!
 //! If the connection fails, the batch is kept and written after reconnecting;
-//! if the process dies first, the leases run out and the deliveries are sent
-//! again (at-least-once).
+//! if the database refuses it for a moment (a deadlock with a concurrent
+//! DELETE, a lock timeout), it is written again a few times; if the process
+//! dies first, the leases run out and the deliveries are sent again
+//! (at-least-once).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,6 +20,10 @@ use crate::db::{self, queue};
 
 /// Largest batch written at once.
 const MAX_BATCH: usize = 1000;
+
+/// Tries at a batch the database refuses for a moment, before it is given
+/// up to the leases (about 3 s with the backoff).
+const TRIES: u32 = 5;
 
 /// How long outcomes gather after the first before they are written. At
 /// thousands of requests per second this turns a few rows per statement
@@ -47,6 +53,7 @@ pub async fn run(
     let never = CancellationToken::new();
     let mut batch: Vec<Done> = Vec::new();
     let mut backoff = db::Backoff::new();
+    let mut tries = 0;
     'connect: while let Some(client) = db::connect_retrying(&url, "completer", &never).await {
         let statements = match queue::Statements::prepare(&client).await {
             Ok(s) => s,
@@ -81,7 +88,13 @@ pub async fn run(
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue 'connect;
                 }
-                // Refused, not lost: retrying the same rows would block every
+                tries += 1;
+                if transient(&error) && tries < TRIES {
+                    tracing::warn!(%error, pending = batch.len(), "outcomes refused for now; writing them again");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                // Refused for good: retrying the same rows would block every
                 // later outcome. The leases bring these deliveries back.
                 tracing::error!(%error, dropped = batch.len(), "the database refused delivery outcomes");
             } else if let Err(error) =
@@ -95,6 +108,7 @@ pub async fn run(
                 }
             }
             backoff.reset();
+            tries = 0;
             // A retry to plan, or the next delivery of an ordered subscriber
             // now claimable.
             written.notify_one();
@@ -107,6 +121,19 @@ pub async fn run(
 /// statement refused (retrying cannot help).
 fn lost(client: &tokio_postgres::Client, error: &tokio_postgres::Error) -> bool {
     client.is_closed() || error.code().is_none()
+}
+
+/// Whether the statement may succeed if simply run again: it lost a
+/// deadlock or a serialization check, or waited too long for a row lock.
+fn transient(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    [
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::LOCK_NOT_AVAILABLE,
+    ]
+    .iter()
+    .any(|code| error.code() == Some(code))
 }
 
 /// Deactivates subscribers that answered 410 Gone or kept failing, and

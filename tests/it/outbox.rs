@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::support::{
-    article_table, base_url, connect, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT,
+    article_table, base_url, connect, eventually, subscribe, Daemon, Receiver, TestDb, QUIET, WAIT,
 };
 
 async fn horizon(db: &Client) -> i64 {
@@ -209,6 +209,13 @@ async fn a_sequence_set_back_below_the_horizon_restarts_it() {
     .expect("insert");
     rx.expect(20, WAIT, Duration::ZERO).await;
     wait_horizon(&db, 20, "the horizon does not catch up").await;
+    // Outcomes written, so the reset below does not race the completer for
+    // the deliveries it deletes.
+    eventually(
+        &db,
+        "SELECT count(*) = 20 FROM thorn.delivery WHERE state = 'delivered'",
+    )
+    .await;
 
     // As after a copy that did not carry the sequence over.
     db.batch_execute(

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::resilience::config as process_config;
-use crate::support::{subscribe, Daemon, Received, Receiver, Reply, TestDb, QUIET, WAIT};
+use crate::support::{
+    eventually, subscribe, Daemon, Received, Receiver, Reply, TestDb, QUIET, WAIT,
+};
 
 async fn item_table(db: &Client) {
     db.batch_execute(
@@ -20,19 +22,6 @@ async fn item_table(db: &Client) {
 
 fn item(r: &Received) -> i64 {
     r.json()["data"]["n"].as_i64().expect("n")
-}
-
-/// Polls `sql` (one boolean) until it is true; panics after WAIT.
-async fn eventually(db: &Client, sql: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let done: bool = db.query_one(sql, &[]).await.expect(sql).get(0);
-        if done {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never true: {sql}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test]

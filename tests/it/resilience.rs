@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::process::Process;
-use crate::support::{subscribe, Received, Receiver, Reply, TestDb, QUIET, WAIT};
+use crate::support::{eventually, subscribe, Received, Receiver, Reply, TestDb, QUIET, WAIT};
 
 /// A TOML config for a daemon process on `t`, with extra lines for the
 /// [delivery] section.
@@ -300,6 +300,40 @@ async fn slow_subscriber_with_items(t: &TestDb, delay: Duration, items: i32) -> 
     subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
     insert_items(&db, 1, items).await;
     (db, rx)
+}
+
+/// An outcome the database refuses for a moment is written again, not
+/// dropped: dropped, its delivery would wait out its lease and be sent
+/// twice. Here a row lock held past the daemon's `lock_timeout` refuses it;
+/// a deadlock with a concurrent DELETE of events is the same case.
+#[tokio::test]
+async fn outcomes_refused_for_a_moment_are_written_again() {
+    let t = TestDb::new().await;
+    let (mut db, mut rx) = slow_subscriber_with_items(&t, Duration::from_millis(300), 1).await;
+    db.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('ALTER DATABASE %I SET lock_timeout = %L', current_database(), '100ms');
+         END $$",
+    )
+    .await
+    .expect("lock_timeout for new sessions");
+    let mut daemon = Process::run(&config(&t, r#"lease = "60s""#));
+    rx.next(WAIT).await.expect("the request");
+    // Claimed and committed; its outcome comes 300 ms later and must wait
+    // for this lock.
+    let lock = db.transaction().await.expect("begin");
+    lock.execute("SELECT 1 FROM thorn.delivery FOR UPDATE", &[])
+        .await
+        .expect("row lock");
+    daemon
+        .wait_for_log("outcomes refused for now; writing them again", WAIT)
+        .await;
+    lock.commit().await.expect("commit");
+    eventually(&db, "SELECT state = 'delivered' FROM thorn.delivery").await;
+    assert!(rx.next(QUIET).await.is_none(), "sent again");
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
 }
 
 #[tokio::test]

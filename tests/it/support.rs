@@ -381,6 +381,19 @@ print(json.dumps([sign(d, k, base64.b64decode(b)) for d, k, b in json.load(sys.s
 }
 
 pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Polls `sql` (one boolean) until it is true; panics after WAIT.
+pub async fn eventually(db: &Client, sql: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done: bool = db.query_one(sql, &[]).await.expect(sql).get(0);
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never true: {sql}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
 pub const QUIET: Duration = Duration::from_millis(300);
 
 /// Waits until a daemon sleeps on the outbox: it holds the wake-up lock.
