@@ -65,7 +65,7 @@ impl Dispatcher {
             match self.serve(client, &shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "dispatcher lost its database connection; reconnecting");
+                    db::warn_restart("dispatcher", &error);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.cancelled() => return,

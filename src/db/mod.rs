@@ -125,6 +125,17 @@ impl Default for Backoff {
     }
 }
 
+/// Says why a task's session ended on `error` before the task starts over
+/// on a new connection: the connection was lost, or the server refused a
+/// statement (a deadlock with another session, say).
+pub fn warn_restart(task: &str, error: &tokio_postgres::Error) {
+    if error.code().is_some() {
+        tracing::warn!(%error, task, "the database refused a statement; starting over on a new connection");
+    } else {
+        tracing::warn!(%error, task, "lost the database connection; reconnecting");
+    }
+}
+
 /// Connects, retrying with backoff until it works or `shutdown` fires
 /// (then `None`). `task` names the caller in the log line.
 pub async fn connect_retrying(

@@ -242,7 +242,7 @@ impl Worker {
             match self.serve(&client, &slots, &in_flight, &shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "sender lost its database connection; reconnecting");
+                    db::warn_restart("sender", &error);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.cancelled() => return,
