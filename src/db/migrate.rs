@@ -39,6 +39,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "subscriber_due",
         include_str!("../../sql/0011_subscriber_due.sql"),
     ),
+    (
+        12,
+        "subscriber_deliveries",
+        include_str!("../../sql/0012_subscriber_deliveries.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

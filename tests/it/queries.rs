@@ -261,3 +261,34 @@ async fn a_completion_plan_made_on_a_short_queue_fetches_rows_by_id() {
         assert!(!plan.contains(queue_index), "{plan}");
     }
 }
+
+/// Deleting a subscriber deletes its deliveries through an index, not by
+/// reading every delivery kept (delivered and dead ones included), which
+/// it did at every unsubscribe before schema 12.
+#[tokio::test]
+async fn deleting_a_subscriber_finds_its_deliveries_by_index() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "INSERT INTO thorn.subscriber (event, url)
+         SELECT '*', 'http://127.0.0.1:1/' || g FROM generate_series(1, 100) g;
+         INSERT INTO thorn.event (name, data) SELECT 'a.created', '{}' FROM generate_series(1, 100);
+         INSERT INTO thorn.delivery (id, event_id, subscriber_id, state)
+         SELECT gen_random_uuid(), e.id, s.id, 'delivered' FROM thorn.event e, thorn.subscriber s;
+         ANALYZE thorn.delivery;",
+    )
+    .await
+    .expect("10,000 delivered rows of 100 subscribers");
+    // Counted within the transaction, the cascade's scans included.
+    let scans = column(
+        &db,
+        "BEGIN;
+         DELETE FROM thorn.subscriber WHERE id = (SELECT id FROM thorn.subscriber ORDER BY id LIMIT 1);
+         SELECT seq_scan || ' ' || n_tup_del FROM pg_stat_xact_user_tables
+         WHERE relid = 'thorn.delivery'::regclass;
+         ROLLBACK",
+        0,
+    )
+    .await;
+    assert_eq!(scans, ["0 100"], "sequential scans, rows deleted");
+}
