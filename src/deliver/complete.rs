@@ -22,7 +22,7 @@ use crate::db::{self, queue};
 const MAX_BATCH: usize = 1000;
 
 /// Tries at a batch the database refuses for a moment, before it is given
-/// up to the leases (about 3 s with the backoff).
+/// up to the leases (at most 1.5 s of backoff in all).
 const TRIES: u32 = 5;
 
 /// How long outcomes gather after the first before they are written. At
