@@ -5,8 +5,8 @@
 -- (pending rows only) serves it, and it read the whole of thorn.delivery,
 -- every delivered and dead row kept for retention, at every unsubscribe.
 -- This index makes it an index lookup. Each delivery row version gets one
--- more entry (about 3 % of the queue's database work, measured on a claim
--- and complete loop); keys repeat, so b-tree deduplication keeps it small.
+-- more entry: 3-8 % of the delivery benchmarks' throughput (BENCHMARKS.md,
+-- E1, E4); keys repeat, so b-tree deduplication keeps it small.
 --
 -- Built in the migration's transaction, so writes to thorn.delivery wait
 -- for it (seconds per million rows kept). To avoid that wait, build it
