@@ -186,7 +186,7 @@ pub const CLAIM_DELIVERIES: &str = "
              WHERE NOT t.ordered AND d.state = 'pending' AND d.next_attempt_at <= now()
                AND d.subscriber_id >= t.subscriber_id AND d.subscriber_id <= t.subscriber_id
              ORDER BY d.subscriber_id, d.next_attempt_at
-             LIMIT greatest(t.room, 0))
+             LIMIT t.room)
             UNION ALL
             SELECT oldest.id FROM (
                 SELECT d.id, d.next_attempt_at FROM thorn.delivery d

@@ -102,6 +102,22 @@ struct Line {
     waiting: VecDeque<queue::Claimed>,
 }
 
+impl Line {
+    fn at_limit(&self, share: Share) -> bool {
+        self.sending >= share.limit
+    }
+
+    /// What a claim may add: below the limit, the slots left; at it, the
+    /// room left in the waiting line.
+    fn room(&self, share: Share) -> usize {
+        if self.at_limit(share) {
+            share.depth.saturating_sub(self.waiting.len())
+        } else {
+            share.limit - self.sending
+        }
+    }
+}
+
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
         // A panic while holding this lock cannot leave the maps inconsistent.
@@ -123,7 +139,7 @@ impl InFlight {
         let mut t = self.lock();
         let (id, subscriber) = (delivery.id, delivery.subscriber_id);
         let line = t.per_subscriber.entry(subscriber).or_default();
-        let admitted = if line.sending < share.limit {
+        let admitted = if !line.at_limit(share) {
             let Some(permit) = permits.pop() else {
                 if line.sending == 0 && line.waiting.is_empty() {
                     t.per_subscriber.remove(&subscriber);
@@ -183,21 +199,16 @@ impl InFlight {
         next
     }
 
-    /// What the next claim may take per subscriber: below the limit, the
-    /// slots left; at it, the room left in its waiting line.
+    /// What the next claim may take per subscriber held (see [`Line::room`]).
     fn room(&self, share: Share) -> queue::Room {
         let mut room = queue::Room {
             limit: share.limit,
             ..queue::Room::default()
         };
         for (&id, line) in &self.lock().per_subscriber {
-            let free = if line.sending < share.limit {
-                share.limit - line.sending
-            } else {
-                share.depth.saturating_sub(line.waiting.len())
-            };
             room.subscribers.push(id);
-            room.rooms.push(i32::try_from(free).unwrap_or(i32::MAX));
+            room.rooms
+                .push(i32::try_from(line.room(share)).unwrap_or(i32::MAX));
         }
         room
     }
@@ -205,8 +216,8 @@ impl InFlight {
     /// The room left in the waiting lines of the subscribers at their limit.
     fn line_room(&self, share: Share) -> usize {
         (self.lock().per_subscriber.values())
-            .filter(|line| line.sending >= share.limit)
-            .map(|line| share.depth.saturating_sub(line.waiting.len()))
+            .filter(|line| line.at_limit(share))
+            .map(|line| line.room(share))
             .sum()
     }
 
