@@ -162,7 +162,7 @@ async fn run_scenarios(cli: &Cli) -> anyhow::Result<()> {
             e3_subscribers: 1_000,
             e4_events: 200_000,
             e4_idle_wait: Duration::from_secs(5),
-            e5_events: 200,
+            e5_events: 1_000,
             e5_backlog: 100_000,
             e6_events: 50_000,
             e6_daemons: vec![1, 2, 4],
