@@ -44,6 +44,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "subscriber_deliveries",
         include_str!("../../sql/0012_subscriber_deliveries.sql"),
     ),
+    (
+        13,
+        "guard_holes",
+        include_str!("../../sql/0013_guard_holes.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

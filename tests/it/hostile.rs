@@ -719,6 +719,92 @@ async fn ddl_after_annotation_keeps_writes_working_or_is_refused() {
     .expect("re-create");
 }
 
+// Columns also change under other names than ALTER TABLE: ALTER VIEW …
+// RENAME COLUMN works on tables, and DROP DOMAIN … CASCADE drops columns.
+// And a table under INHERITS is not followed by its capture.
+#[tokio::test]
+async fn ddl_that_reaches_an_annotated_table_by_other_commands_is_refused_too() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE DOMAIN secret_text AS text;
+         CREATE TABLE article (id serial PRIMARY KEY, title text, secret secret_text);
+         SELECT thorn.webhook_model('public.article', exclude => ARRAY['secret']);",
+    )
+    .await
+    .expect("annotate");
+    for (ddl, says) in [
+        (
+            "ALTER VIEW article RENAME COLUMN secret TO pw",
+            "exclude names unknown column",
+        ),
+        (
+            "ALTER MATERIALIZED VIEW article RENAME COLUMN secret TO pw",
+            "exclude names unknown column",
+        ),
+        (
+            "DROP DOMAIN secret_text CASCADE",
+            "exclude names unknown column",
+        ),
+        (
+            "CREATE TABLE child () INHERITS (article)",
+            "inheritance hierarchy",
+        ),
+    ] {
+        let message = db_message(&db.batch_execute(ddl).await.expect_err(ddl));
+        assert!(
+            message.contains("would break its webhook annotation") && message.contains(says),
+            "{ddl}: {message}"
+        );
+    }
+    db.batch_execute("INSERT INTO article (title, secret) VALUES ('a', 's3cret')")
+        .await
+        .expect("a write");
+    let data: String = db
+        .query_one("SELECT data::text FROM thorn.event", &[])
+        .await
+        .expect("the event")
+        .get(0);
+    assert_eq!(data, r#"{"id": 1, "title": "a"}"#);
+
+    // Annotating a table of an inheritance hierarchy is refused; partitions
+    // are followed as before.
+    db.batch_execute(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE heir (id int PRIMARY KEY) INHERITS (parent);",
+    )
+    .await
+    .expect("hierarchy");
+    for table in ["parent", "heir"] {
+        let error = db
+            .batch_execute(&format!("SELECT thorn.webhook_model('public.{table}')"))
+            .await
+            .expect_err(table);
+        assert!(
+            db_message(&error).contains("inheritance hierarchy"),
+            "{table}: {}",
+            db_message(&error)
+        );
+    }
+    db.batch_execute(
+        "CREATE TABLE tree (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         SELECT thorn.webhook_model('public.tree');
+         CREATE TABLE leaf PARTITION OF tree FOR VALUES FROM (0) TO (10);
+         INSERT INTO tree VALUES (1);",
+    )
+    .await
+    .expect("partitions");
+    let names: i64 = db
+        .query_one(
+            "SELECT count(*) FROM thorn.event WHERE name = 'tree.created'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(names, 1);
+}
+
 #[tokio::test]
 async fn a_condition_that_fails_at_run_time_aborts_the_write_loudly() {
     // Documented choice: an error inside the capture trigger aborts the

@@ -884,3 +884,84 @@ async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
         .batch_execute(&format!("DROP OWNED BY {app_role}; DROP ROLE {app_role}"))
         .await;
 }
+
+// to_jsonb renders a user-defined type through its cast to json, and the
+// capture runs as the schema owner: the owner of an annotated table, with
+// no right on schema thorn, must not get its own cast function run there.
+#[tokio::test]
+async fn a_table_owner_cannot_run_a_cast_to_json_as_the_schema_owner() {
+    let t = TestDb::new().await;
+    let admin = t.client().await;
+    let app_role = format!(
+        "thorn_cast_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {app_role} LOGIN;
+             GRANT CREATE, USAGE ON SCHEMA public TO {app_role};
+             CREATE TABLE public.note (id int PRIMARY KEY, body text);
+             ALTER TABLE public.note OWNER TO {app_role};
+             SELECT thorn.webhook_model('public.note');"
+        ))
+        .await
+        .expect("set-up");
+    let result = async {
+        let mut u = url::Url::parse(&t.url).expect("url");
+        let _ = u.set_username(&app_role);
+        let app = crate::support::connect(u.as_str()).await;
+        // Were the cast ever called by a capture, it would run as the owner
+        // of schema thorn (here a superuser) and make the role one.
+        app.batch_execute(&format!(
+            "CREATE TYPE mood AS ENUM ('ok');
+             CREATE TYPE tone AS ENUM ('ok');
+             CREATE FUNCTION escalate(anyenum) RETURNS json LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'ALTER ROLE {app_role} SUPERUSER'; RETURN '1'; END $$;
+             CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE sql AS $$ SELECT escalate($1) $$;
+             CREATE FUNCTION tone_json(tone) RETURNS json LANGUAGE sql AS $$ SELECT escalate($1) $$;
+             ALTER TABLE note ADD COLUMN m mood[];
+             CREATE CAST (tone AS json) WITH FUNCTION tone_json(tone);"
+        ))
+        .await
+        .expect("types, functions, a column and a cast nothing captured uses");
+        for ddl in [
+            // the column first, then its type's cast
+            "CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)",
+            // the cast first, then a column of its type, here in a domain
+            "CREATE DOMAIN t AS tone; ALTER TABLE note ADD COLUMN t t",
+        ] {
+            let error = app.batch_execute(ddl).await.expect_err(ddl);
+            let message = error.as_db_error().expect("refused").message().to_owned();
+            assert!(message.contains("cast to json"), "{ddl}: {message}");
+        }
+        app.batch_execute("INSERT INTO note (id, body, m) VALUES (1, 'hi', '{ok}')")
+            .await
+            .expect("a write");
+        let superuser: bool = admin
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = $1",
+                &[&app_role],
+            )
+            .await
+            .expect("role")
+            .get(0);
+        assert!(!superuser, "the cast ran as the schema owner");
+        // A table that already reaches such a cast is refused at annotation.
+        admin
+            .batch_execute("CREATE TABLE public.other (id int PRIMARY KEY, t tone)")
+            .await
+            .expect("table");
+        let error = admin
+            .batch_execute("SELECT thorn.webhook_model('public.other')")
+            .await
+            .expect_err("annotating a table that reaches a cast to json");
+        let message = error.as_db_error().expect("refused").message().to_owned();
+        assert!(message.contains("cast to json (public.tone)"), "{message}");
+    };
+    result.await;
+    let _ = admin
+        .batch_execute(&format!(
+            "DROP TABLE public.other; DROP OWNED BY {app_role}; DROP ROLE {app_role}"
+        ))
+        .await;
+}
