@@ -10,6 +10,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, Notify};
@@ -23,6 +24,13 @@ use crate::deliver::{client, complete};
 use crate::dispatch::Dispatcher;
 use crate::ops::Ops;
 use crate::retention;
+
+/// How long shutdown waits for request tasks once they are cut off, and
+/// for the release of unfinished deliveries' leases. Each cut-off task ends
+/// at once (its request, or its wait to hand an outcome to a completer
+/// that cannot write, is dropped); the bound is there so that nothing they
+/// might still wait on can hold the exit.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(5);
 
 /// Connects (waiting for the database if needed) and applies migrations.
 pub async fn prepare_database(
@@ -131,6 +139,7 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
             done_rx,
             ready.clone(),
             config.delivery.disable_after,
+            ops.counters(),
         ),
     ));
     let sender = tokio::spawn(
@@ -168,14 +177,26 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
         .is_err()
     {
         abort.cancel();
-        requests.wait().await;
+        if tokio::time::timeout(CUT_OFF_WAIT, requests.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests cut off by shutdown did not end; not waiting for them");
+        }
     }
     // Requests cut off by the grace's end, and deliveries that were still
     // waiting for their subscriber's requests.
-    release_unfinished(&config.database_url.0, &in_flight.deliveries()).await;
+    let unfinished = in_flight.deliveries();
+    let releasing = release_unfinished(&config.database_url.0, &unfinished);
+    if tokio::time::timeout(CUT_OFF_WAIT, releasing).await.is_err() {
+        tracing::warn!(
+            unfinished = unfinished.len(),
+            "could not release unfinished deliveries in time; they are sent again when their leases expire"
+        );
+    }
     // The sender's channel end went with its task and the requests' with
     // theirs: the completer writes what is left and returns.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), completer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), completer).await;
     tracing::info!("stopped");
     ops.finish().await;
     Ok(())
@@ -184,7 +205,7 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
 /// Hands the leases of deliveries left unsent by shutdown (cut off, or
 /// still waiting) back at once, so another daemon sends them now instead of
 /// after the lease.
-async fn release_unfinished(url: &str, unfinished: &[uuid::Uuid]) {
+async fn release_unfinished(url: &str, unfinished: &[(uuid::Uuid, std::time::SystemTime)]) {
     if unfinished.is_empty() {
         return;
     }

@@ -62,7 +62,7 @@ impl Dispatcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = db::Backoff::new();
         while let Some(client) = db::connect_retrying(&self.url, "dispatcher", &shutdown).await {
-            match self.serve(client, &shutdown).await {
+            match self.serve(client, &mut backoff, &shutdown).await {
                 Ok(()) => return,
                 Err(error) => {
                     db::warn_restart("dispatcher", &error);
@@ -78,6 +78,7 @@ impl Dispatcher {
     async fn serve(
         &self,
         mut client: Client,
+        backoff: &mut db::Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), tokio_postgres::Error> {
         let statements = queue::Statements::prepare(&client).await?;
@@ -91,11 +92,13 @@ impl Dispatcher {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            if self
+            let dispatched = self
                 .dispatch_batch(&mut client, &statements, &mut matcher, &mut behind)
-                .await?
-                > 0
-            {
+                .await?;
+            // The connection works again: a later loss starts from the
+            // shortest wait.
+            backoff.reset();
+            if dispatched > 0 {
                 last_work = Instant::now();
                 continue;
             }

@@ -4,7 +4,7 @@
 //! Statements are prepared once per connection ([`Statements`]); every hot
 //! query works on a batch of rows through arrays (`unnest`, `ANY`).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
@@ -41,7 +41,19 @@ pub struct Claimed {
     pub signer: String,
     /// Age of the event (since its transaction's `now()`) at the claim.
     pub event_age: Duration,
+    /// Taken before the claim was sent, so never later than the start of
+    /// its lease.
     pub claimed_at: Instant,
+}
+
+/// A claimed delivery and the lease its claim holds: the `next_attempt_at`
+/// the claim wrote. Only the holder of that lease writes the delivery's
+/// outcome or releases it (COMPLETE, [`release`]): a claim whose lease ran
+/// out, and perhaps went to another claim, changes nothing.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub delivery: Claimed,
+    pub lease: SystemTime,
 }
 
 /// What a claim may take per subscriber: `limit` for a subscriber this
@@ -68,6 +80,8 @@ impl Room {
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub id: Uuid,
+    /// The lease the attempt was made under (see [`Leased`]).
+    pub lease: SystemTime,
     /// `delivered`, `pending` (retry after `retry_in`) or `dead`.
     pub state: &'static str,
     pub retry_in: Duration,
@@ -216,23 +230,28 @@ pub const CLAIM_DELIVERIES: &str = "
     ), claimed AS (
         UPDATE thorn.delivery d SET next_attempt_at = now() + $6::float8 * interval '1 second'
         FROM due WHERE d.id = due.id
-        RETURNING d.id, d.attempts, d.event_id, d.subscriber_id, due.ord
+        RETURNING d.id, d.attempts, d.event_id, d.subscriber_id, d.next_attempt_at, due.ord
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
            s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
-           s.hmac_signer, extract(epoch FROM now() - e.created_at)::float8
+           s.hmac_signer, extract(epoch FROM now() - e.created_at)::float8, c.next_attempt_at
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id
     ORDER BY c.ord";
 
-/// Records the outcomes of attempts.
+/// Records the outcomes of attempts, each only if its delivery still holds
+/// the lease the attempt was made under ($9): an outcome that comes after
+/// the lease ran out and another claim took the delivery over must not
+/// overwrite that claim's lease (it sends the delivery again). That also
+/// makes writing a batch again harmless: rows already written hold no
+/// lease any more.
 ///
 /// Rows are fetched by id (`id = ANY`, a primary-key lookup per id), and the
-/// pending test is a CASE, so that no cached plan can reach them by walking
-/// a queue index instead: one built while the table held a few rows chose
-/// to hash-join every pending delivery (the whole backlog) at each call,
-/// 29 ms per completion at 100,000 pending.
+/// pending and lease tests are a CASE, so that no cached plan can reach them
+/// by walking a queue index instead: one built while the table held a few
+/// rows chose to hash-join every pending delivery (the whole backlog) at
+/// each call, 29 ms per completion at 100,000 pending.
 pub const COMPLETE: &str = "
     UPDATE thorn.delivery d SET
         state = u.state,
@@ -248,10 +267,10 @@ pub const COMPLETE: &str = "
         response = u.response,
         delivered_at = CASE WHEN u.state = 'delivered' THEN now() END
     FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::text[],
-                $7::int4[], $8::text[])
-         AS u(id, state, delay_ms, status_code, error_class, error, duration_ms, response)
+                $7::int4[], $8::text[], $9::timestamptz[])
+         AS u(id, state, delay_ms, status_code, error_class, error, duration_ms, response, lease)
     WHERE d.id = ANY ($1::uuid[]) AND d.id = u.id
-      AND CASE WHEN d.state = 'pending' THEN true END";
+      AND CASE WHEN d.state = 'pending' THEN d.next_attempt_at = u.lease END";
 
 // Subscriber health: a success clears failing_since, a failure sets it if
 // unset, and a subscriber failing longer than disable_after is switched off.
@@ -356,8 +375,12 @@ impl Statements {
         lease: Duration,
         room: &Room,
         after: Uuid,
-    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    ) -> Result<Vec<Leased>, tokio_postgres::Error> {
         let per_subscriber = i32::try_from(room.limit).unwrap_or(i32::MAX);
+        // The lease starts at the statement's now(), some time after this
+        // and before the rows come back; a delivery's age counted from here
+        // is never less than its lease's.
+        let claimed_at = Instant::now();
         let rows = db
             .query(
                 &self.claim_deliveries,
@@ -373,7 +396,7 @@ impl Statements {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(Claimed {
+                let delivery = Claimed {
                     id: r.try_get(0)?,
                     attempts: r.try_get(1)?,
                     event_id: r.try_get(2)?,
@@ -390,7 +413,11 @@ impl Statements {
                     signer: r.try_get(13)?,
                     event_age: Duration::try_from_secs_f64(r.try_get::<_, f64>(14)?.max(0.0))
                         .unwrap_or_default(),
-                    claimed_at: Instant::now(),
+                    claimed_at,
+                };
+                Ok(Leased {
+                    delivery,
+                    lease: r.try_get(15)?,
                 })
             })
             .collect()
@@ -412,10 +439,11 @@ impl Statements {
         let errors: Vec<Option<&str>> = done.iter().map(|c| c.error.as_deref()).collect();
         let durations: Vec<i32> = done.iter().map(|c| c.duration_ms).collect();
         let responses: Vec<Option<&str>> = done.iter().map(|c| c.response.as_deref()).collect();
+        let leases: Vec<SystemTime> = done.iter().map(|c| c.lease).collect();
         db.execute(
             &self.complete,
             &[
-                &ids, &states, &delays, &codes, &classes, &errors, &durations, &responses,
+                &ids, &states, &delays, &codes, &classes, &errors, &durations, &responses, &leases,
             ],
         )
         .await
@@ -475,11 +503,20 @@ pub async fn active_subscribers(
         .collect()
 }
 
-/// Gives claimed deliveries back at once (the lease is dropped).
-pub async fn release(db: &impl GenericClient, ids: &[Uuid]) -> Result<u64, tokio_postgres::Error> {
+/// Gives claimed deliveries back at once (the lease is dropped), those
+/// whose leases are still the given ones: a lease that ran out may be
+/// another claim's now.
+pub async fn release(
+    db: &impl GenericClient,
+    leases: &[(Uuid, SystemTime)],
+) -> Result<u64, tokio_postgres::Error> {
+    let (ids, leases): (Vec<Uuid>, Vec<SystemTime>) = leases.iter().copied().unzip();
     db.execute(
-        "UPDATE thorn.delivery SET next_attempt_at = now() WHERE id = ANY($1) AND state = 'pending'",
-        &[&ids],
+        "UPDATE thorn.delivery d SET next_attempt_at = now()
+         FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, lease)
+         WHERE d.id = ANY($1) AND d.id = u.id
+           AND CASE WHEN d.state = 'pending' THEN d.next_attempt_at = u.lease END",
+        &[&ids, &leases],
     )
     .await
 }

@@ -37,7 +37,8 @@ pub enum Failure {
     Request,
     /// The subscriber was deactivated after the delivery was created.
     Inactive,
-    /// The row cannot be sent as stored (unknown digest or content type).
+    /// The row cannot be sent as stored (unknown digest or content type, an
+    /// event name that is no header value).
     Invalid,
 }
 
@@ -227,6 +228,18 @@ impl Client {
                 Some("unknown hmac_digest, content_type or hmac_signer".into()),
             );
         };
+        // Custom events are written straight into thorn.event, and a name
+        // with a control character cannot be a header value: every attempt
+        // would fail the same way.
+        let Ok(event) = reqwest::header::HeaderValue::from_str(&d.event) else {
+            return finish(
+                Err(Failure::Invalid),
+                Some(
+                    "the event name has a control character: it cannot be sent in Hook-Event"
+                        .into(),
+                ),
+            );
+        };
         let body = Envelope {
             event: &d.event,
             reference: d.reference.as_deref(),
@@ -242,7 +255,7 @@ impl Client {
             .http
             .post(url)
             .header("Content-Type", content_type.header_value())
-            .header("Hook-Event", &d.event)
+            .header("Hook-Event", event)
             .header("Hook-Delivery", &id)
             .header("Hook-Subscription", d.subscriber_id.to_string())
             .header("Hook-HMAC", signer.hook_hmac(digest, &d.secret.0, &body))
@@ -384,11 +397,12 @@ fn classify(error: &reqwest::Error) -> Failure {
     }
 }
 
-/// An error and its causes on one line. reqwest errors name the URL; keep
-/// only its host side so query strings (which may carry tokens) stay out.
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes on one line, without the URL reqwest names in
+/// it: its path and query string may carry tokens. The URL is removed by
+/// its exact text, which may itself hold a ')'.
+fn describe(error: &reqwest::Error) -> String {
     let mut parts = Vec::new();
-    let mut source = Some(error);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         let text = e.to_string();
         if !parts.iter().any(|p: &String| p.contains(&text)) {
@@ -397,12 +411,8 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     let line = parts.join(": ");
-    match line.find(" for url (") {
-        Some(i) => {
-            let rest = &line[i..];
-            let end = rest.find(')').map_or(line.len(), |j| i + j + 1);
-            format!("{}{}", &line[..i], &line[end..])
-        }
+    match error.url() {
+        Some(url) => line.replace(&format!(" for url ({})", url.as_str()), ""),
         None => line,
     }
 }
@@ -451,6 +461,28 @@ mod tests {
             .await
             .expect_err("the request fails");
         assert_eq!(classify(&error), Failure::Tls, "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn errors_are_described_without_the_url() {
+        // Nothing listens on port 1: the error names the URL, whose path
+        // has a ')' before the query string.
+        let url = "http://127.0.0.1:1/p(1)?token=SECRET";
+        let error = reqwest::Client::new()
+            .post(url)
+            .send()
+            .await
+            .expect_err("refused");
+        assert!(error.to_string().contains("SECRET"), "{error}");
+        let described = describe(&error);
+        assert!(
+            !described.contains("SECRET") && !described.contains("token"),
+            "{described}"
+        );
+        assert!(
+            described.starts_with("error sending request"),
+            "{described}"
+        );
     }
 
     #[test]

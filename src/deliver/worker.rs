@@ -11,12 +11,14 @@
 //! waiting for a claim round trip. Claims refill the line in the
 //! background, so a single busy endpoint is kept at its limit without its
 //! requests ever waiting on the database. The line is never deeper than
-//! the lease allows: its last delivery starts before its lease could end
-//! even if every request before it takes the whole `delivery.timeout`.
+//! the lease allows: its last delivery starts while still fresh (see
+//! [`Share`]) even if every request before it takes the whole
+//! `delivery.timeout`; one that is not fresh any more when its turn comes
+//! is not sent.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
@@ -48,22 +50,37 @@ const MAX_LINES: usize = 4;
 struct Share {
     limit: usize,
     depth: usize,
+    /// How long after its claim a waiting delivery may still be sent.
+    fresh_for: Duration,
 }
 
 impl Share {
+    /// A delivery sent while younger than `fresh_for` ends (after at most
+    /// `timeout`) a margin before its lease does: time for its outcome to
+    /// be written while the lease is still its claim's, whatever the
+    /// completer's batching and the scheduler add. The margin is a tenth of
+    /// the lease, at least 1 s.
+    ///
     /// A delivery waits for the requests before it, `limit` at a time, each
     /// taking at most `timeout`: with `k` times the limit in line, the last
-    /// starts within `k` timeouts. It must still be fresh then (see
-    /// [`InFlight::finish`]).
+    /// starts within `k` timeouts, so `k` is the number of whole timeouts in
+    /// `fresh_for`, at most [`MAX_LINES`]. None when the lease leaves less
+    /// than one (the shortest leases): a subscriber at its limit then gets
+    /// nothing more claimed until a request ends.
     fn new(settings: &Settings) -> Share {
         let limit = settings.per_subscriber_concurrency;
-        let fresh_for = settings.lease().saturating_sub(settings.timeout);
+        let lease = settings.lease();
+        let margin = (lease / 10).max(Duration::from_secs(1));
+        let fresh_for = lease
+            .saturating_sub(settings.timeout)
+            .saturating_sub(margin);
         let lines = (fresh_for.as_secs_f64() / settings.timeout.as_secs_f64()).floor();
-        // Float to integer casts saturate; the clamp bounds it anyway.
-        let lines = (lines as usize).clamp(1, MAX_LINES);
+        // Float to integer casts saturate; the bound keeps it small anyway.
+        let lines = (lines as usize).min(MAX_LINES);
         Share {
             limit,
             depth: limit * lines,
+            fresh_for,
         }
     }
 }
@@ -93,13 +110,14 @@ pub struct InFlight(Mutex<Tracked>);
 #[derive(Default)]
 struct Tracked {
     per_subscriber: HashMap<Uuid, Line>,
-    deliveries: HashSet<Uuid>,
+    /// The deliveries held, with their leases.
+    deliveries: HashMap<Uuid, SystemTime>,
 }
 
 #[derive(Default)]
 struct Line {
     sending: usize,
-    waiting: VecDeque<queue::Claimed>,
+    waiting: VecDeque<queue::Leased>,
 }
 
 impl Line {
@@ -128,46 +146,49 @@ impl InFlight {
 
     /// Takes a claimed delivery in. Below its subscriber's limit it takes
     /// one of `permits` and comes back to be sent now; at the limit it waits
-    /// in line: `None`. Past both, `Err` with its id, for release (the
-    /// claim should have prevented it).
+    /// in line: `None`. Past both, `Err` with its id and lease, for release
+    /// (the claim should have prevented it).
     fn admit(
         &self,
-        delivery: queue::Claimed,
+        leased: queue::Leased,
         share: Share,
         permits: &mut Vec<OwnedSemaphorePermit>,
-    ) -> Result<Option<(queue::Claimed, OwnedSemaphorePermit)>, Uuid> {
+    ) -> Result<Option<(queue::Leased, OwnedSemaphorePermit)>, (Uuid, SystemTime)> {
         let mut t = self.lock();
-        let (id, subscriber) = (delivery.id, delivery.subscriber_id);
+        let (id, subscriber) = (leased.delivery.id, leased.delivery.subscriber_id);
+        let lease = leased.lease;
         let line = t.per_subscriber.entry(subscriber).or_default();
         let admitted = if !line.at_limit(share) {
             let Some(permit) = permits.pop() else {
                 if line.sending == 0 && line.waiting.is_empty() {
                     t.per_subscriber.remove(&subscriber);
                 }
-                return Err(id);
+                return Err((id, lease));
             };
             line.sending += 1;
-            Some((delivery, permit))
+            Some((leased, permit))
         } else if line.waiting.len() < share.depth {
-            line.waiting.push_back(delivery);
+            line.waiting.push_back(leased);
             None
         } else {
-            return Err(id);
+            return Err((id, lease));
         };
-        t.deliveries.insert(id);
+        t.deliveries.insert(id, lease);
         Ok(admitted)
     }
 
     /// Ends a request; returns the subscriber's next waiting delivery to
-    /// send in the same slot, if `go_on` and one is still fresh enough to
-    /// finish within its lease (older ones are left to their leases).
+    /// send in the same slot, if `go_on` and one is still fresh (younger
+    /// than `fresh_for`, see [`Share`]). Called right before that attempt,
+    /// so nothing waits between the judgement and the request; older ones
+    /// are left to their leases.
     fn finish(
         &self,
         delivery: Uuid,
         subscriber: Uuid,
         go_on: bool,
         fresh_for: Duration,
-    ) -> Option<queue::Claimed> {
+    ) -> Option<queue::Leased> {
         let mut t = self.lock();
         t.deliveries.remove(&delivery);
         let line = t.per_subscriber.get_mut(&subscriber)?;
@@ -175,8 +196,8 @@ impl InFlight {
         let mut stale = Vec::new();
         while go_on && next.is_none() {
             match line.waiting.pop_front() {
-                Some(d) if d.claimed_at.elapsed() < fresh_for => next = Some(d),
-                Some(d) => stale.push(d.id),
+                Some(d) if d.delivery.claimed_at.elapsed() < fresh_for => next = Some(d),
+                Some(d) => stale.push(d.delivery.id),
                 None => break,
             }
         }
@@ -221,9 +242,14 @@ impl InFlight {
             .sum()
     }
 
-    /// The deliveries claimed and not finished: in flight or waiting.
-    pub fn deliveries(&self) -> Vec<Uuid> {
-        self.lock().deliveries.iter().copied().collect()
+    /// The deliveries claimed and not finished (in flight or waiting),
+    /// with their leases.
+    pub fn deliveries(&self) -> Vec<(Uuid, SystemTime)> {
+        self.lock()
+            .deliveries
+            .iter()
+            .map(|(&id, &lease)| (id, lease))
+            .collect()
     }
 }
 
@@ -250,7 +276,10 @@ impl Worker {
         let in_flight = self.in_flight.clone();
         let mut backoff = db::Backoff::new();
         while let Some(client) = db::connect_retrying(&self.url, "sender", &shutdown).await {
-            match self.serve(&client, &slots, &in_flight, &shutdown).await {
+            match self
+                .serve(&client, &slots, &in_flight, &mut backoff, &shutdown)
+                .await
+            {
                 Ok(()) => return,
                 Err(error) => {
                     db::warn_restart("sender", &error);
@@ -268,6 +297,7 @@ impl Worker {
         client: &Client,
         slots: &Arc<Semaphore>,
         in_flight: &Arc<InFlight>,
+        backoff: &mut db::Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), tokio_postgres::Error> {
         let statements = queue::Statements::prepare(client).await?;
@@ -315,8 +345,11 @@ impl Worker {
             let claimed = statements
                 .claim_deliveries(client, wanted as i64, self.settings.lease(), &room, after)
                 .await?;
+            // The connection works again: a later loss starts from the
+            // shortest wait.
+            backoff.reset();
             if let Some(last) = claimed.last() {
-                after = last.subscriber_id;
+                after = last.delivery.subscriber_id;
             }
             let got = claimed.len();
             // The claim kept to the room, so nothing should be over: a
@@ -325,10 +358,10 @@ impl Worker {
             for delivery in claimed {
                 match in_flight.admit(delivery, share, &mut permits) {
                     Ok(Some((delivery, permit))) => {
-                        self.spawn_send(delivery, permit, in_flight.clone(), shutdown)
+                        self.spawn_send(delivery, permit, in_flight.clone(), share, shutdown)
                     }
                     Ok(None) => {}
-                    Err(id) => over_limit.push(id),
+                    Err(lease) => over_limit.push(lease),
                 }
             }
             drop(permits);
@@ -397,9 +430,10 @@ impl Worker {
     /// or the daemon stops (the ones still waiting are released then).
     fn spawn_send(
         &self,
-        delivery: queue::Claimed,
+        leased: queue::Leased,
         permit: OwnedSemaphorePermit,
         in_flight: Arc<InFlight>,
+        share: Share,
         shutdown: &CancellationToken,
     ) {
         let client = self.client.clone();
@@ -409,28 +443,39 @@ impl Worker {
         let abort = self.abort.clone();
         let probe = self.probe.clone();
         let stopping = shutdown.clone();
-        // A waiting delivery must be able to finish before its lease ends.
-        let fresh_for = settings.lease().saturating_sub(settings.timeout);
         self.tracker.spawn(async move {
-            let mut delivery = delivery;
+            let mut leased = leased;
             let mut permit = Some(permit);
             loop {
+                let delivery = &leased.delivery;
                 let attempt = tokio::select! {
-                    attempt = client.attempt(&delivery) => attempt,
+                    attempt = client.attempt(delivery) => attempt,
                     // Past the shutdown grace: the caller releases the lease.
                     _ = abort.cancelled() => return,
                 };
-                let record = outcome(&delivery, &attempt, &settings);
+                let record = outcome(&leased, &attempt, &settings);
                 let c = &record.completion;
                 let age = delivery.event_age + delivery.claimed_at.elapsed();
                 probe
                     .metrics()
                     .attempt(c.state, c.error_class, attempt.duration, Some(age));
+                let (id, subscriber) = (delivery.id, delivery.subscriber_id);
+                // The completer outlives every sender, so this fails only if
+                // it crashed. It may be stalled (the database is slow or
+                // gone): past the shutdown grace, stop waiting. Either way
+                // the outcome is lost and the lease brings the delivery back.
+                let handed_over = tokio::select! {
+                    biased;
+                    sent = done.send(record) => sent.is_ok(),
+                    _ = abort.cancelled() => false,
+                };
+                // Only now, right before its attempt, is the next one judged
+                // fresh: handing over may have waited a while.
                 let next = in_flight.finish(
-                    delivery.id,
-                    delivery.subscriber_id,
-                    !stopping.is_cancelled(),
-                    fresh_for,
+                    id,
+                    subscriber,
+                    handed_over && !stopping.is_cancelled(),
+                    share.fresh_for,
                 );
                 if next.is_none() {
                     permit.take();
@@ -438,11 +483,8 @@ impl Worker {
                 // A freed slot or room in the waiting line may be what the
                 // claimer waits for.
                 ready.notify_one();
-                // The completer outlives every sender, so this only fails if
-                // it crashed; the lease then brings the delivery back.
-                let _ = done.send(record).await;
                 match next {
-                    Some(next) => delivery = next,
+                    Some(next) => leased = next,
                     None => return,
                 }
             }
@@ -451,7 +493,8 @@ impl Worker {
 }
 
 /// Turns an attempt into the row update, deciding retry or death.
-fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
+fn outcome(leased: &queue::Leased, attempt: &Attempt, settings: &Settings) -> Done {
+    let d = &leased.delivery;
     let attempts = u32::try_from(d.attempts).unwrap_or(0) + 1;
     let duration_ms = i32::try_from(attempt.duration.as_millis()).unwrap_or(i32::MAX);
     let (state, retry_in, status_code, class) = match attempt.result {
@@ -488,6 +531,7 @@ fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
     Done {
         completion: queue::Completion {
             id: d.id,
+            lease: leased.lease,
             state,
             retry_in,
             status_code,
@@ -516,12 +560,32 @@ mod tests {
 
     #[test]
     fn waiting_lines_are_as_deep_as_the_lease_leaves_timeouts_for() {
-        // Defaults: a 3 s timeout, a 30 s lease: nine timeouts, four lines.
+        // Defaults: a 3 s timeout, a 30 s lease less it and a 3 s margin:
+        // eight timeouts, four lines.
         assert_eq!(share(3, None).depth, 4 * 32);
-        // A 40 s lease less a 10 s timeout: three.
-        assert_eq!(share(10, None).depth, 3 * 32);
-        // The shortest lease allowed (twice the timeout): one line.
-        assert_eq!(share(10, Some(20)).depth, 32);
+        assert_eq!(share(3, None).fresh_for, Duration::from_secs(24));
+        // A 40 s lease (the default for a 10 s timeout) less the timeout
+        // and a 4 s margin: two.
+        assert_eq!(share(10, None).depth, 2 * 32);
+        // Three timeouts in the lease: two used to fit, ending right at the
+        // lease's end; one does now.
+        assert_eq!(share(10, Some(30)).depth, 32);
+        // The shortest lease allowed (twice the timeout): no line.
+        assert_eq!(share(10, Some(20)).depth, 0);
         assert_eq!(share(10, Some(20)).limit, 32);
+    }
+
+    #[test]
+    fn the_last_in_line_ends_a_margin_before_its_lease() {
+        for timeout in 1..=20 {
+            for lease in 2 * timeout..=12 * timeout {
+                let s = share(timeout, Some(lease));
+                let lines = u32::try_from(s.depth / s.limit).expect("small");
+                let waited = Duration::from_secs(timeout) * lines;
+                assert!(waited <= s.fresh_for, "{timeout} s, {lease} s");
+                let ends = s.fresh_for + Duration::from_secs(timeout) + Duration::from_secs(1);
+                assert!(ends <= Duration::from_secs(lease), "{timeout} s, {lease} s");
+            }
+        }
     }
 }

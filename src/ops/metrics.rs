@@ -52,6 +52,7 @@ pub struct Metrics {
     events_dispatched: Counter,
     deliveries_created: Counter,
     attempts: Family<AttemptLabels, Counter>,
+    outcomes_dropped: Counter,
     request_duration: Histogram,
     commit_to_delivery: Histogram,
     events_captured: Gauge,
@@ -93,6 +94,7 @@ impl Metrics {
             events_dispatched: Counter::default(),
             deliveries_created: Counter::default(),
             attempts: Family::default(),
+            outcomes_dropped: Counter::default(),
             // 5 ms … ~41 s: request times up to well past any sane timeout.
             request_duration: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 14),
@@ -140,6 +142,11 @@ impl Metrics {
             "delivery_attempts",
             "Delivery attempts by this daemon, by outcome (delivered, retry, dead) and error class (ok for a 2xx)",
             m.attempts.clone(),
+        );
+        r.register(
+            "delivery_outcomes_dropped",
+            "Attempt outcomes this daemon did not write: another claim had taken the delivery's lease over, or the database refused the row; the delivery is sent again",
+            m.outcomes_dropped.clone(),
         );
         r.register_with_unit(
             "delivery_request_duration",
@@ -253,6 +260,11 @@ impl Metrics {
         if let (Some(age), "delivered") = (event_age, outcome) {
             self.commit_to_delivery.observe(age.as_secs_f64());
         }
+    }
+
+    /// Outcomes the completer did not write.
+    pub fn outcomes_dropped(&self, count: usize) {
+        self.outcomes_dropped.inc_by(count as u64);
     }
 
     pub fn set_backlog(&self, b: &Backlog) {

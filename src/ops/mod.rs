@@ -290,6 +290,15 @@ impl Running {
         }
     }
 
+    /// The counters alone, for a task without a heartbeat (one that may
+    /// wait for work for ever, as the completer does).
+    pub fn counters(&self) -> Probe {
+        Probe {
+            state: self.state.clone(),
+            slot: None,
+        }
+    }
+
     /// Wraps a long-lived task so that its end is noticed.
     pub fn watch<F: Future>(&self, name: &'static str, task: F) -> impl Future<Output = F::Output> {
         let guard = EndGuard(self.state.add_slot(name, false));

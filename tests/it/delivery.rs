@@ -334,6 +334,35 @@ async fn the_last_failure_makes_a_delivery_dead() {
     daemon.stop().await;
 }
 
+/// An event name is any text, and custom events are written straight into
+/// thorn.event. One with a control character cannot be sent in the
+/// Hook-Event header on any attempt: the delivery is dead at once, as
+/// `invalid`, not retried through the schedule as a failed request.
+#[tokio::test]
+async fn an_event_name_that_cannot_be_a_header_is_dead_at_once() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "custom.*", &rx.url("/"), None, "secret").await;
+    db.batch_execute("INSERT INTO thorn.event (name, data) VALUES (E'custom.line\\nbreak', '{}')")
+        .await
+        .expect("a custom event");
+    let daemon = Daemon::start(t.config());
+    let ended = crate::support::wait_ended(&db, 1, WAIT).await;
+    let e = &ended[0];
+    assert_eq!(
+        (e.state.as_str(), e.class.as_deref(), e.attempts),
+        ("dead", Some("invalid"), 1),
+        "{e:?}"
+    );
+    assert!(
+        e.error.as_deref().unwrap_or("").contains("Hook-Event"),
+        "{e:?}"
+    );
+    assert!(rx.next(QUIET).await.is_none(), "nothing can be sent");
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn loopback_is_refused_unless_allowed() {
     let t = TestDb::new().await;

@@ -246,7 +246,7 @@ async fn a_completion_plan_made_on_a_short_queue_fetches_rows_by_id() {
     let explain = &format!(
         "EXPLAIN EXECUTE complete('{{{ids}}}', '{{delivered,delivered,delivered}}',
              '{{0,0,0}}', '{{200,200,200}}', '{{NULL,NULL,NULL}}', '{{NULL,NULL,NULL}}',
-             '{{1,1,1}}', '{{NULL,NULL,NULL}}')"
+             '{{1,1,1}}', '{{NULL,NULL,NULL}}', ARRAY[now(), now(), now()])"
     );
     // Planned now, on the short queue; kept while the backlog grows.
     lines(&db, explain).await;
@@ -291,4 +291,75 @@ async fn deleting_a_subscriber_finds_its_deliveries_by_index() {
     )
     .await;
     assert_eq!(scans, ["0 100"], "sequential scans, rows deleted");
+}
+
+/// A claim's deliveries count their age from before the claim was sent:
+/// the lease runs from the statement's now(), so a claim that took a while
+/// (here it waits for a table lock) must not make them look younger than
+/// their leases are. The sender starts a waiting delivery only while it is
+/// young enough to end within its lease (src/deliver/worker.rs).
+#[tokio::test]
+async fn a_claims_age_counts_from_before_it_was_sent() {
+    use std::time::{Duration, Instant, SystemTime};
+    use thorn::db::queue::{Room, Statements};
+
+    let t = TestDb::new().await;
+    let db = daemon_session(&t).await;
+    let watcher = t.client().await;
+    let mut admin = t.client().await;
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO thorn.subscriber (id, event, url) VALUES ('{FREE}', '*', 'http://127.0.0.1:1/');
+             INSERT INTO thorn.event (name, data) VALUES ('a.created', '{{}}');
+             INSERT INTO thorn.delivery (id, event_id, subscriber_id)
+             SELECT gen_random_uuid(), id, '{FREE}' FROM thorn.event;"
+        ))
+        .await
+        .expect("a due delivery");
+    let statements = Statements::prepare(&db).await.expect("prepare");
+    let lock = admin.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE thorn.delivery IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let claim = tokio::spawn(async move {
+        let room = Room {
+            limit: 10,
+            ..Room::default()
+        };
+        statements
+            .claim_deliveries(&db, 10, Duration::from_secs(30), &room, uuid::Uuid::nil())
+            .await
+    });
+    let deadline = Instant::now() + crate::support::WAIT;
+    loop {
+        let waiting: bool = watcher
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE datname = current_database() AND wait_event_type = 'Lock')",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the claim never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let released = Instant::now();
+    lock.commit().await.expect("commit");
+    let claimed = claim.await.expect("the claim's task").expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        claimed[0].delivery.claimed_at < released,
+        "the claim's age starts when its rows come back"
+    );
+    // The lease the claim holds is the one it wrote.
+    let lease: SystemTime = watcher
+        .query_one("SELECT next_attempt_at FROM thorn.delivery", &[])
+        .await
+        .expect("lease")
+        .get(0);
+    assert_eq!(claimed[0].lease, lease);
 }

@@ -308,15 +308,28 @@ async fn slow_subscriber_with_items(t: &TestDb, delay: Duration, items: i32) -> 
 /// a deadlock with a concurrent DELETE of events is the same case.
 #[tokio::test]
 async fn outcomes_refused_for_a_moment_are_written_again() {
+    refused_for_a_moment("lock_timeout", "100ms").await;
+}
+
+/// The same with `statement_timeout` (57014, query canceled): the statement
+/// waited too long for the row lock, and may succeed once it is released.
+#[tokio::test]
+async fn outcomes_cut_off_by_statement_timeout_are_written_again() {
+    refused_for_a_moment("statement_timeout", "500ms").await;
+}
+
+/// The delivery's outcome comes while a row lock outlasts `setting` (set
+/// for the daemon's sessions): refused, then written once the lock goes.
+async fn refused_for_a_moment(setting: &str, value: &str) {
     let t = TestDb::new().await;
     let (mut db, mut rx) = slow_subscriber_with_items(&t, Duration::from_millis(300), 1).await;
-    db.batch_execute(
+    db.batch_execute(&format!(
         "DO $$ BEGIN
-             EXECUTE format('ALTER DATABASE %I SET lock_timeout = %L', current_database(), '100ms');
-         END $$",
-    )
+             EXECUTE format('ALTER DATABASE %I SET {setting} = %L', current_database(), '{value}');
+         END $$"
+    ))
     .await
-    .expect("lock_timeout for new sessions");
+    .expect("a timeout for new sessions");
     let mut daemon = Process::run(&config(&t, r#"lease = "60s""#));
     rx.next(WAIT).await.expect("the request");
     // Claimed and committed; its outcome comes 300 ms later and must wait
@@ -332,6 +345,256 @@ async fn outcomes_refused_for_a_moment_are_written_again() {
     eventually(&db, "SELECT state = 'delivered' FROM thorn.delivery").await;
     assert!(rx.next(QUIET).await.is_none(), "sent again");
     daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+}
+
+/// A statement cut off with its session (57P01, terminated by an
+/// administrator) means a lost connection, however the error reads: the
+/// outcomes are written again on a new one, not given up as refused.
+#[tokio::test]
+async fn outcomes_cut_off_with_their_session_are_written_after_reconnecting() {
+    let t = TestDb::new().await;
+    let (mut db, mut rx) = slow_subscriber_with_items(&t, Duration::from_millis(300), 1).await;
+    let watcher = t.client().await;
+    let mut daemon = Process::run(&config(&t, r#"lease = "60s""#));
+    rx.next(WAIT).await.expect("the request");
+    let lock = db.transaction().await.expect("begin");
+    lock.execute("SELECT 1 FROM thorn.delivery FOR UPDATE", &[])
+        .await
+        .expect("row lock");
+    // The completer's write, waiting for the lock.
+    let waiting = "SELECT pid FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'
+                     AND query LIKE '%UPDATE thorn.delivery d SET%state = u.state%'";
+    let deadline = Instant::now() + WAIT;
+    let pid: i32 = loop {
+        if let Some(row) = watcher.query_opt(waiting, &[]).await.expect("activity") {
+            break row.get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write waits:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    watcher
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate the completer's session");
+    lock.commit().await.expect("commit");
+    eventually(&db, "SELECT state = 'delivered' FROM thorn.delivery").await;
+    assert!(rx.next(QUIET).await.is_none(), "sent again");
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+}
+
+/// One outcome the database refuses for good (here a trigger refuses the
+/// delivery of item 4) costs only its own row: the others written in the
+/// same statement are written on their own.
+#[tokio::test]
+async fn an_outcome_refused_for_good_costs_only_its_own_row() {
+    let t = TestDb::new().await;
+    let (mut db, mut rx) = slow_subscriber_with_items(&t, Duration::ZERO, 1).await;
+    db.batch_execute(
+        "CREATE FUNCTION public.refuse_item_4() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF (SELECT e.data->>'n' FROM thorn.event e WHERE e.id = NEW.event_id) = '4' THEN
+                 RAISE EXCEPTION 'item 4 refused' USING ERRCODE = 'check_violation';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_item_4 BEFORE UPDATE ON thorn.delivery
+         FOR EACH ROW WHEN (NEW.attempts > OLD.attempts) EXECUTE FUNCTION public.refuse_item_4();",
+    )
+    .await
+    .expect("a trigger");
+    let watcher = t.client().await;
+    let lock = stall_completer(&mut db).await;
+    let mut daemon = Process::run(&config(&t, r#"lease = "60s""#));
+    rx.next(WAIT).await.expect("item 1");
+    // Item 1 written, the completer waits for the lock: the outcomes of
+    // items 2 to 6 gather meanwhile, and are written in one statement.
+    eventually(&watcher, COMPLETER_STALLED).await;
+    insert_items(&watcher, 2, 6).await;
+    rx.expect(5, WAIT, Duration::from_secs(1)).await;
+    lock.commit().await.expect("commit");
+    eventually(
+        &watcher,
+        "SELECT count(*) = 5 FROM thorn.delivery WHERE state = 'delivered'",
+    )
+    .await;
+    daemon
+        .wait_for_log("the database refused delivery outcomes", WAIT)
+        .await;
+    let refused: (String, i32) = watcher
+        .query_one(
+            "SELECT d.state, d.attempts FROM thorn.delivery d JOIN thorn.event e ON e.id = d.event_id
+             WHERE e.data->>'n' = '4'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("item 4");
+    assert_eq!(refused, ("pending".to_owned(), 0), "left to its lease");
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+}
+
+/// Only the claim holding a delivery's lease writes its outcome. Here the
+/// test takes the delivery over while its request runs (as another daemon's
+/// claim would once the lease ran out): the late outcome must not mark it
+/// delivered, nor undo that claim's lease.
+#[tokio::test]
+async fn an_outcome_whose_lease_was_taken_over_is_not_written() {
+    let t = TestDb::new().await;
+    let (db, mut rx) = slow_subscriber_with_items(&t, Duration::from_secs(2), 1).await;
+    let mut daemon = Process::run(&config(
+        &t,
+        r#"timeout = "5s"
+        lease = "20s""#,
+    ));
+    rx.next(WAIT).await.expect("the request");
+    db.execute(
+        "UPDATE thorn.delivery SET next_attempt_at = now() + interval '1 hour'",
+        &[],
+    )
+    .await
+    .expect("taken over");
+    daemon
+        .wait_for_log("another claim took their leases over", WAIT)
+        .await;
+    let (state, attempts, leased): (String, i32, bool) = db
+        .query_one(
+            "SELECT state, attempts, next_attempt_at > now() + interval '50 minutes'
+             FROM thorn.delivery",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .expect("delivery");
+    assert_eq!((state.as_str(), attempts, leased), ("pending", 0, true));
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+}
+
+/// Stalls the completer of a daemon started next, after its first write:
+/// with the subscribers marked failing, a success makes it clear their
+/// `failing_since`, and the transaction returned holds those rows. (NO KEY
+/// UPDATE leaves new deliveries' foreign-key checks free to go on.)
+async fn stall_completer(db: &mut Client) -> tokio_postgres::Transaction<'_> {
+    db.batch_execute("UPDATE thorn.subscriber SET failing_since = now()")
+        .await
+        .expect("failing");
+    let lock = db.transaction().await.expect("begin");
+    lock.execute("SELECT 1 FROM thorn.subscriber FOR NO KEY UPDATE", &[])
+        .await
+        .expect("row lock");
+    lock
+}
+
+/// The completer waits for the lock of [`stall_completer`].
+const COMPLETER_STALLED: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+    WHERE datname = current_database() AND wait_event_type = 'Lock'
+      AND query LIKE '%UPDATE thorn.subscriber SET failing_since = NULL%')";
+
+/// No pending delivery is leased any more: every claim's lease ran out.
+const LEASES_RAN_OUT: &str = "SELECT NOT EXISTS (SELECT 1 FROM thorn.delivery
+    WHERE state = 'pending' AND next_attempt_at > now())";
+
+/// The delivery settings of [`stuck_behind_a_stalled_completer`]: one
+/// request at a time to the subscriber, 4 slots, a 1 s timeout and a 4 s
+/// lease, so that the subscriber has a line.
+const LINE_OF_ONE: &str = r#"timeout = "1s"
+    lease = "4s"
+    concurrency = 4
+    per_subscriber_concurrency = 1"#;
+
+/// Waits until the daemon's sender is stuck behind a completer that
+/// [`stall_completer`] stalled: its outcome channel (4 slots' worth, 16)
+/// is full, and the request that found it full waits there, with its
+/// subscriber's next deliveries claimed and waiting in line behind it.
+/// Returns once every lease has run out (so no claim came for a lease).
+async fn stuck_behind_a_stalled_completer(watcher: &Client, rx: &mut Receiver, daemon: &Process) {
+    // The first write, the channel, and the request that waits.
+    for _ in 0..18 {
+        rx.next(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("too few requests:\n{}", daemon.log()));
+    }
+    eventually(watcher, LEASES_RAN_OUT).await;
+}
+
+/// A delivery waiting in line is judged fresh right before it is sent, not
+/// before the outcome of the request ahead of it is handed over: with the
+/// completer stalled past the lease, the deliveries waiting behind it were
+/// taken over (here by the test, as another daemon's claim would), and the
+/// sender must not send them on their old claim.
+#[tokio::test]
+async fn deliveries_waiting_behind_a_stalled_completer_are_not_sent_on_an_old_lease() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let watcher = t.client().await;
+    insert_items(&watcher, 1, 60).await;
+    let lock = stall_completer(&mut db).await;
+    let mut daemon = Process::run(&config(&t, LINE_OF_ONE));
+    stuck_behind_a_stalled_completer(&watcher, &mut rx, &daemon).await;
+    watcher
+        .execute(
+            "UPDATE thorn.delivery SET next_attempt_at = now() + interval '1 hour'
+             WHERE state = 'pending'",
+            &[],
+        )
+        .await
+        .expect("taken over");
+    while rx.next(Duration::from_millis(100)).await.is_some() {}
+    lock.commit().await.expect("commit");
+    if let Some(late) = rx.next(Duration::from_secs(2)).await {
+        panic!(
+            "sent after its lease was taken over: {}\n{}",
+            late.header("hook-delivery"),
+            daemon.log()
+        );
+    }
+    daemon
+        .wait_for_log("deliveries waited too long", WAIT)
+        .await;
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+}
+
+/// SIGTERM while the completer cannot write: the request waiting to hand
+/// its outcome over gives up at the end of the grace (the lease brings the
+/// delivery back), and shutdown goes on to release the deliveries waiting
+/// in line, rather than waiting for the completer for ever.
+#[tokio::test]
+async fn sigterm_does_not_wait_for_ever_on_a_stalled_completer() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let watcher = t.client().await;
+    insert_items(&watcher, 1, 60).await;
+    let lock = stall_completer(&mut db).await;
+    let mut daemon = Process::run(&config(
+        &t,
+        &format!("{LINE_OF_ONE}\nshutdown_grace = \"1s\""),
+    ));
+    stuck_behind_a_stalled_completer(&watcher, &mut rx, &daemon).await;
+    daemon.signal("TERM");
+    daemon
+        .wait_for_log("deliveries unfinished at shutdown were released", WAIT)
+        .await;
+    lock.commit().await.expect("commit");
     let status = daemon.wait(WAIT).await;
     assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
 }
@@ -383,7 +646,8 @@ async fn requests_cut_off_by_shutdown_are_released_at_once() {
 
 /// A subscriber at its limit has more deliveries claimed and waiting in the
 /// daemon, as many times its limit as the lease leaves timeouts for (here
-/// two: a 30 s lease less a 10 s timeout); stopping does not start them,
+/// two: a 40 s lease less a 10 s timeout and a 4 s margin leaves 26 s);
+/// stopping does not start them,
 /// and hands their leases back so that the next daemon need not wait a
 /// lease for them.
 #[tokio::test]
@@ -393,7 +657,7 @@ async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
     let mut daemon = Process::run(&config(
         &t,
         r#"timeout = "10s"
-        lease = "30s"
+        lease = "40s"
         per_subscriber_concurrency = 2
         shutdown_grace = "10s""#,
     ));
