@@ -25,8 +25,9 @@ use crate::dispatch::Dispatcher;
 use crate::ops::Ops;
 use crate::retention;
 
-/// How long shutdown waits for request tasks once they are cut off, and
-/// for the release of unfinished deliveries' leases. Each cut-off task ends
+/// How long shutdown waits for request tasks once they are cut off, for
+/// the release of unfinished deliveries' leases, and for the API's open
+/// connections. Each cut-off task ends
 /// at once (its request, or its wait to hand an outcome to a completer
 /// that cannot write, is dropped); the bound is there so that nothing they
 /// might still wait on can hold the exit.
@@ -166,9 +167,18 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     ops.stopping("stopping: draining requests in flight");
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
     let _ = tokio::join!(listener, dispatcher, sender, pruner);
-    if let Some(api) = api {
-        if let Ok(Err(error)) = api.await {
-            tracing::error!(error = format!("{error:#}"), "the API server failed");
+    // The API stops accepting at once but waits for its open connections,
+    // and a client may keep one open (a request never finished): bounded.
+    if let Some(mut api) = api {
+        match tokio::time::timeout(CUT_OFF_WAIT, &mut api).await {
+            Ok(Ok(Err(error))) => {
+                tracing::error!(error = format!("{error:#}"), "the API server failed")
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("API connections still open at shutdown; closing them");
+                api.abort();
+            }
         }
     }
     requests.close();

@@ -35,7 +35,7 @@ pub async fn run(url: String, settings: Retention, shutdown: CancellationToken) 
             client = db::connect(&url).await.ok();
         }
         let Some(c) = &client else { continue };
-        match prune(c, &settings).await {
+        match prune(c, &settings, &shutdown).await {
             Ok(p) if p != Pruned::default() => tracing::info!(?p, "pruned old rows"),
             Ok(_) => {}
             Err(error) => {
@@ -46,10 +46,13 @@ pub async fn run(url: String, settings: Retention, shutdown: CancellationToken) 
     }
 }
 
-/// One full pass: repeats each batch delete until it comes up short.
+/// One full pass: repeats each batch delete until it comes up short, or
+/// `stop` (a pass over a large backlog of old rows takes a while, and
+/// shutdown must not wait for it; the next pass goes on from there).
 pub async fn prune(
     db: &impl GenericClient,
     settings: &Retention,
+    stop: &CancellationToken,
 ) -> Result<Pruned, tokio_postgres::Error> {
     let delivered = repeat(
         db,
@@ -58,6 +61,7 @@ pub async fn prune(
              WHERE state = 'delivered' AND last_attempt_at < now() - $1::float8 * interval '1 second'
              LIMIT $2 FOR UPDATE SKIP LOCKED)",
         settings.delivered,
+        stop,
     )
     .await?;
     let dead = repeat(
@@ -67,6 +71,7 @@ pub async fn prune(
              WHERE state = 'dead' AND last_attempt_at < now() - $1::float8 * interval '1 second'
              LIMIT $2 FOR UPDATE SKIP LOCKED)",
         settings.dead,
+        stop,
     )
     .await?;
     // An event goes once no delivery refers to it; a dead delivery keeps its
@@ -79,6 +84,7 @@ pub async fn prune(
                AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)
              LIMIT $2 FOR UPDATE SKIP LOCKED)",
         settings.delivered,
+        stop,
     )
     .await?;
     Ok(Pruned {
@@ -92,16 +98,18 @@ async fn repeat(
     db: &impl GenericClient,
     sql: &str,
     age: Duration,
+    stop: &CancellationToken,
 ) -> Result<u64, tokio_postgres::Error> {
     let statement = db.prepare(sql).await?;
     let mut total = 0;
-    loop {
+    while !stop.is_cancelled() {
         let n = db
             .execute(&statement, &[&age.as_secs_f64(), &BATCH])
             .await?;
         total += n;
         if n < BATCH as u64 {
-            return Ok(total);
+            break;
         }
     }
+    Ok(total)
 }

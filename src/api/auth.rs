@@ -127,9 +127,17 @@ impl Auth {
         let mut validation = Validation::new(header.alg);
         validation.leeway = 30;
         validation.validate_nbf = true;
+        // The library compares iss and aud only when the token has them:
+        // configured, they must be there.
         let mut required = vec!["sub"];
         if self.require_exp {
             required.push("exp");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        if self.issuer.is_some() {
+            required.push("iss");
         }
         validation.set_required_spec_claims(&required);
         match &self.audience {
@@ -149,8 +157,22 @@ impl Auth {
                     _ => bad(),
                 }
             })?;
+        // Times the library could not read as numbers it passes over: a
+        // token whose exp is "1000" would never expire.
+        for claim in ["exp", "nbf"] {
+            if data
+                .claims
+                .get(claim)
+                .is_some_and(|v| !v.as_f64().is_some_and(|t| t >= 0.0))
+            {
+                return Err(ApiError::unauthorized(
+                    "the token's exp and nbf must be numbers of seconds",
+                ));
+            }
+        }
+        // NUL: PostgreSQL text cannot hold it.
         let owner = match data.claims.get("sub") {
-            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(s)) if !s.trim().is_empty() && !s.contains('\0') => s.clone(),
             _ => {
                 return Err(ApiError::unauthorized(
                     "the token's sub must be a non-empty string",
@@ -227,11 +249,42 @@ mod tests {
             token(serde_json::json!({"name": "alice"}), key),
             token(serde_json::json!({"sub": ""}), key),
             token(serde_json::json!({"sub": "alice", "exp": 1_000_000}), key),
+            // times that are no numbers are refused, not passed over
+            token(serde_json::json!({"sub": "alice", "exp": "1000"}), key),
+            token(serde_json::json!({"sub": "alice", "exp": -5}), key),
+            token(
+                serde_json::json!({"sub": "alice", "nbf": "9999999999"}),
+                key,
+            ),
+            token(serde_json::json!({"sub": "al\u{0}ice"}), key),
             "not.a.jwt".into(),
             // alg "none"
             "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.".into(),
         ] {
             assert!(a.verify(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_must_be_in_the_token() {
+        let api = ApiConfig {
+            jwt_secret: Some(crate::config::Redacted("0123456789abcdef0123".into())),
+            jwt_issuer: Some("https://id.example".into()),
+            jwt_audience: Some("thorn".into()),
+            ..ApiConfig::default()
+        };
+        let a = Auth::from_config(&api).expect("auth");
+        let key = "0123456789abcdef0123";
+        let good = serde_json::json!({"sub": "alice", "iss": "https://id.example", "aud": "thorn"});
+        assert!(a.verify(&token(good, key)).is_ok());
+        for claims in [
+            serde_json::json!({"sub": "alice"}),
+            serde_json::json!({"sub": "alice", "aud": "thorn"}),
+            serde_json::json!({"sub": "alice", "iss": "https://id.example"}),
+            serde_json::json!({"sub": "alice", "iss": 5, "aud": 7}),
+            serde_json::json!({"sub": "alice", "iss": "evil", "aud": "thorn"}),
+        ] {
+            assert!(a.verify(&token(claims.clone(), key)).is_err(), "{claims}");
         }
     }
 }

@@ -70,11 +70,51 @@ impl ApiError {
             "the request could not be completed; see the daemon's log",
         )
     }
+
+    /// A database error: 503 when waiting or reconnecting may help (a row
+    /// locked past the API's `lock_timeout`, a statement past its
+    /// `statement_timeout`, a lost connection), else 500. The log gets the
+    /// server's code and message, never its detail, which may quote values.
+    fn database(error: &tokio_postgres::Error) -> ApiError {
+        use tokio_postgres::error::SqlState;
+        let Some(db) = error.as_db_error() else {
+            tracing::warn!(%error, "api request failed: the database cannot be reached");
+            return ApiError::unavailable("the database cannot be reached; try again");
+        };
+        let code = db.code();
+        if [SqlState::LOCK_NOT_AVAILABLE, SqlState::QUERY_CANCELED].contains(code)
+            || code.code().starts_with("08")
+            || code.code().starts_with("57P")
+        {
+            tracing::warn!(
+                code = code.code(),
+                message = db.message(),
+                "api request failed for now"
+            );
+            return ApiError::unavailable(
+                "the database is busy (a row is locked, or the server is slow); try again",
+            );
+        }
+        tracing::error!(
+            code = code.code(),
+            message = db.message(),
+            "api request failed"
+        );
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the request could not be completed; see the daemon's log",
+        )
+    }
+
+    fn unavailable(message: &str) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
 }
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(error: tokio_postgres::Error) -> ApiError {
-        ApiError::internal(&error)
+        ApiError::database(&error)
     }
 }
 
@@ -82,7 +122,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
             StoreError::Invalid(fields) => ApiError::invalid(fields),
-            StoreError::Db(error) => ApiError::internal(&error),
+            StoreError::Db(error) => ApiError::database(&error),
         }
     }
 }

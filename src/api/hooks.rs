@@ -88,6 +88,11 @@ fn parse_body(
                 None
             }
             None => None,
+            // PostgreSQL text cannot hold NUL.
+            Some(Value::String(s)) if s.contains('\0') => {
+                problem(field, "may not contain the NUL character");
+                None
+            }
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Null) => {
                 problem(field, "may not be null");

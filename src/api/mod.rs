@@ -32,12 +32,20 @@ use errors::ApiError;
 /// (the guard checks it again on every delivery).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The API session's `lock_timeout` and `statement_timeout`: its requests
+/// share one connection, so none may hold it for long.
+const LOCK_TIMEOUT: &str = "2s";
+const STATEMENT_TIMEOUT: &str = "10s";
+
 /// What the handlers share.
 pub struct Api {
     auth: Auth,
     url: String,
     /// One connection, shared: tokio-postgres pipelines concurrent queries,
     /// and every API operation is a single statement. Replaced when closed.
+    /// A statement waits at most [`LOCK_TIMEOUT`] for a row lock (a 503
+    /// then), so a row locked elsewhere holds the others up that long at
+    /// most.
     client: Mutex<Option<Arc<Client>>>,
     http: HttpClient,
     guard: Guard,
@@ -62,7 +70,13 @@ impl Api {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let client = Arc::new(crate::db::connect(&self.url).await?);
+        let client = crate::db::connect(&self.url).await?;
+        client
+            .batch_execute(&format!(
+                "SET lock_timeout = '{LOCK_TIMEOUT}'; SET statement_timeout = '{STATEMENT_TIMEOUT}'"
+            ))
+            .await?;
+        let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
     }

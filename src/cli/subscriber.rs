@@ -192,6 +192,7 @@ fn print_list(out: &mut impl Write, rows: &[Subscription], json: bool) -> anyhow
             let mut value = serde_json::to_value(row)?;
             if let Some(object) = value.as_object_mut() {
                 object.remove("hmac_secret");
+                object.insert("url".into(), super::redact_url(&row.url).into());
             }
             values.push(value);
         }
@@ -211,7 +212,7 @@ fn print_list(out: &mut impl Write, rows: &[Subscription], json: bool) -> anyhow
             if row.active { "active" } else { "inactive" },
             row.owner.as_deref().unwrap_or("-"),
             row.event,
-            row.url
+            super::redact_url(&row.url)
         )?;
     }
     Ok(())

@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "guard_holes",
         include_str!("../../sql/0013_guard_holes.sql"),
     ),
+    (14, "reenable", include_str!("../../sql/0014_reenable.sql")),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

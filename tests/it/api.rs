@@ -459,6 +459,26 @@ async fn bad_input_names_every_field() {
             "url"
         ]
     );
+    // NUL, which PostgreSQL text cannot hold: a 400 naming the fields, not
+    // a 500.
+    let (nul_status, nul) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({
+                "event": "article.\u{0}",
+                "url": "https://example.com/",
+                "hmac_secret": "secret\u{0}secret",
+            })),
+        )
+        .await;
+    assert_eq!(nul_status, StatusCode::BAD_REQUEST, "{nul}");
+    let fields = error_fields(&nul, "invalid");
+    assert!(
+        fields.contains(&"event".to_owned()) && fields.contains(&"hmac_secret".to_owned()),
+        "{nul}"
+    );
     // The messages are the database's own, the ones the trigger raises.
     assert!(body["fields"]["hmac_digest"][0]
         .as_str()
@@ -620,4 +640,50 @@ async fn an_api_without_a_token_key_refuses_every_request_and_the_daemon_still_d
     let got = rx.expect(1, WAIT, QUIET).await;
     assert_eq!(got[0].json()["data"]["title"], "still delivered");
     daemon.stop().await;
+}
+
+/// The API's requests share one connection: a row locked elsewhere must
+/// give its request a 503 after the API's lock_timeout, not hold every
+/// other user's requests up for as long as the lock lasts.
+#[tokio::test]
+async fn a_row_locked_elsewhere_is_a_503_and_holds_nobody_up() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    let (status, created) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": "article.*", "url": "http://127.0.0.1:9/a"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
+    let mut db = t.client().await;
+    let lock = db.transaction().await.expect("begin");
+    lock.execute("SELECT 1 FROM thorn.subscriber FOR UPDATE", &[])
+        .await
+        .expect("row lock");
+    let (status, body) = api
+        .send(
+            Method::PATCH,
+            &path,
+            Some("alice"),
+            Some(json!({"event": "article.created"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "unavailable", "{body}");
+    let (status, body) = api.send(Method::GET, "/hooks/", Some("bob"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    lock.commit().await.expect("commit");
+    let (status, body) = api
+        .send(
+            Method::PATCH,
+            &path,
+            Some("alice"),
+            Some(json!({"event": "article.created"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }

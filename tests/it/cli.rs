@@ -18,7 +18,7 @@ async fn subscriber_commands_manage_the_table() {
             "--event",
             "article.*",
             "--url",
-            "https://example.com/hook",
+            "https://example.com/hook?token=SECRETTOKEN",
             "--owner",
             "alice",
             "--digest",
@@ -44,6 +44,10 @@ async fn subscriber_commands_manage_the_table() {
         list[0].get("hmac_secret").is_none(),
         "list never prints secrets"
     );
+    assert_eq!(
+        list[0]["url"], "https://example.com/hook",
+        "nor query strings"
+    );
     let (_, out, _) = thorn_cli(url, &["subscriber", "list", "--owner", "bob", "--json"]).await;
     assert_eq!(
         serde_json::from_str::<Value>(&out).expect("json"),
@@ -54,6 +58,8 @@ async fn subscriber_commands_manage_the_table() {
         out.contains(&id)
             && out.contains("article.*")
             && !out.contains(added["hmac_secret"].as_str().expect("s"))
+            && !out.contains("SECRETTOKEN"),
+        "{out}"
     );
 
     let (code, out, _) = thorn_cli(
@@ -74,10 +80,28 @@ async fn subscriber_commands_manage_the_table() {
     assert_eq!(disabled["deactivated_reason"], "maintenance");
     let (_, out, _) = thorn_cli(url, &["subscriber", "show", &id]).await;
     assert!(out.contains("inactive (maintenance)"), "{out}");
+    // As if switched off for failing for days: switched on again, it starts
+    // healthy, or its first failure would switch it off again at once.
+    let db = t.client().await;
+    db.execute(
+        "UPDATE thorn.subscriber SET failing_since = now() - interval '6 days'",
+        &[],
+    )
+    .await
+    .expect("failing");
     let (_, out, _) = thorn_cli(url, &["subscriber", "enable", &id, "--json"]).await;
     let enabled: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(enabled["active"], true);
     assert_eq!(enabled["deactivated_reason"], Value::Null);
+    let failing: bool = db
+        .query_one(
+            "SELECT failing_since IS NOT NULL FROM thorn.subscriber",
+            &[],
+        )
+        .await
+        .expect("subscriber")
+        .get(0);
+    assert!(!failing, "switched on with its old failing_since");
 
     let (code, out, _) = thorn_cli(url, &["subscriber", "remove", &id]).await;
     assert_eq!((code, out.trim()), (0, format!("removed {id}").as_str()));

@@ -276,12 +276,21 @@ async fn retention_prunes_old_rows_and_keeps_pending_ones() {
     let mut settings = t.config().retention;
     settings.delivered = Duration::from_millis(10);
     settings.dead = Duration::from_secs(3600);
-    let pruned = thorn::retention::prune(&db, &settings)
+    // Shutdown cuts a pass short: stopped before its first batch, it
+    // deletes nothing.
+    let stopped = tokio_util::sync::CancellationToken::new();
+    stopped.cancel();
+    let pruned = thorn::retention::prune(&db, &settings, &stopped)
+        .await
+        .expect("prune");
+    assert_eq!((pruned.delivered, pruned.dead, pruned.events), (0, 0, 0));
+    let go_on = tokio_util::sync::CancellationToken::new();
+    let pruned = thorn::retention::prune(&db, &settings, &go_on)
         .await
         .expect("prune");
     assert_eq!((pruned.delivered, pruned.dead, pruned.events), (2, 0, 2));
     settings.dead = Duration::from_millis(10);
-    let pruned = thorn::retention::prune(&db, &settings)
+    let pruned = thorn::retention::prune(&db, &settings, &go_on)
         .await
         .expect("prune");
     assert_eq!((pruned.delivered, pruned.dead, pruned.events), (0, 1, 1));
