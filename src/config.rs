@@ -285,8 +285,10 @@ impl Delivery {
     /// The lease of a claimed delivery: as configured, or the larger of
     /// 30 s and four times the request timeout.
     pub fn lease(&self) -> Duration {
+        // Saturating: this also runs on a config not yet validated (whose
+        // timeout may be absurd), where `*` would panic on overflow.
         self.lease_setting
-            .unwrap_or_else(|| (self.timeout * 4).max(Duration::from_secs(30)))
+            .unwrap_or_else(|| self.timeout.saturating_mul(4).max(Duration::from_secs(30)))
     }
 }
 
@@ -373,6 +375,8 @@ impl Config {
         let mut bad = |key: &'static str, message: String| problems.push(invalid(key, message));
         if self.database_url.0.trim().is_empty() {
             bad("database_url", "must not be empty".into());
+        } else if let Err(message) = check_database_url(&self.database_url.0) {
+            bad("database_url", message);
         }
         let networks: Vec<Result<IpNet, String>> = self
             .security
@@ -398,7 +402,7 @@ impl Config {
         if d.connect_timeout.is_zero() {
             bad("delivery.connect_timeout", "must be more than 0s".into());
         }
-        if d.lease() < d.timeout * 2 {
+        if d.lease() < d.timeout.saturating_mul(2) {
             bad(
                 "delivery.lease",
                 format!(
@@ -428,6 +432,19 @@ impl Config {
         if self.retention.interval.is_zero() {
             bad("retention.interval", "must be more than 0s".into());
         }
+        for (key, value, cap) in self.duration_caps() {
+            if value > cap {
+                bad(key, too_long(value, cap));
+            }
+        }
+        for (i, delay) in self.delivery.retry_schedule.iter().enumerate() {
+            if *delay > TEN_YEARS {
+                bad(
+                    "delivery.retry_schedule",
+                    format!("entry {}: {}", i + 1, too_long(*delay, TEN_YEARS)),
+                );
+            }
+        }
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             bad(
@@ -443,7 +460,51 @@ impl Config {
     }
 }
 
+/// The cap of the durations that bound a request or a claim.
+const HOUR: Duration = Duration::from_secs(3600);
+/// The cap of the daemon's own periods (polls, grace, the lease).
+const DAY: Duration = Duration::from_secs(86_400);
+/// The cap of delays and ages, which end up in PostgreSQL timestamps
+/// (`now() + delay`, `now() - age`). humantime's year is 365.25 days, so
+/// this prints as "10years".
+const TEN_YEARS: Duration = Duration::from_secs(10 * 31_557_600);
+
+fn too_long(value: Duration, cap: Duration) -> String {
+    format!(
+        "{} is too long: at most {}",
+        humantime::format_duration(value),
+        humantime::format_duration(cap)
+    )
+}
+
 impl Config {
+    /// Every duration key (but the list `delivery.retry_schedule`) with its
+    /// upper bound. humantime accepts up to ~584 billion years, but
+    /// PostgreSQL timestamps end in the year 294276, so a "1000000y" delay
+    /// or lease makes every query that adds it fail, and `Duration`
+    /// products (the default lease, the stall limit) overflow. The caps are
+    /// far beyond any real deployment and keep all of that in range.
+    fn duration_caps(&self) -> Vec<(&'static str, Duration, Duration)> {
+        let (p, d, r) = (&self.dispatch, &self.delivery, &self.retention);
+        let mut caps = vec![
+            ("dispatch.poll_interval", p.poll_interval, DAY),
+            ("dispatch.linger", p.linger, DAY),
+            ("delivery.timeout", d.timeout, HOUR),
+            ("delivery.connect_timeout", d.connect_timeout, HOUR),
+            ("delivery.max_retry_after", d.max_retry_after, TEN_YEARS),
+            ("delivery.shutdown_grace", d.shutdown_grace, DAY),
+            ("delivery.disable_after", d.disable_after, TEN_YEARS),
+            ("retention.delivered", r.delivered, TEN_YEARS),
+            ("retention.dead", r.dead, TEN_YEARS),
+            ("retention.interval", r.interval, DAY),
+        ];
+        // Only a configured lease: the default follows the (capped) timeout.
+        if let Some(lease) = d.lease_setting {
+            caps.push(("delivery.lease", lease, DAY));
+        }
+        caps
+    }
+
     fn validate_api(&self) -> Result<(), ConfigError> {
         let api = &self.api;
         if api.jwt_secret.as_ref().is_some_and(|s| s.0.len() < 16) {
@@ -457,6 +518,42 @@ impl Config {
         }
         Ok(())
     }
+}
+
+const NO_TLS: &str = "thorn does not support TLS to PostgreSQL; connect over a local \
+     socket or loopback, or through a TLS-terminating proxy (docs/operations.md)";
+
+/// Parses the connection string as the daemon will (`db::parse_url`), so
+/// that a bad one is a config error (exit 64) and not a failure of every
+/// connection attempt. The messages never quote the string (it may hold a
+/// password): tokio-postgres's parse errors name an option or a byte
+/// offset, not a value.
+fn check_database_url(url: &str) -> Result<(), String> {
+    let parsed = crate::db::parse_url(url).map_err(|e| {
+        let message = match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        };
+        // "verify-ca" and "verify-full" fail here: say why they cannot work.
+        if message.contains("`sslmode`") {
+            format!("{message}: use disable or prefer; {NO_TLS}")
+        } else {
+            message
+        }
+    })?;
+    // thorn connects with NoTls (src/db/mod.rs): a connection that demands
+    // TLS could never be made, and the daemon would retry it for ever.
+    // channel_binding=require needs TLS as well (it binds to the TLS
+    // session), so it would fail every authentication the same way.
+    use tokio_postgres::config::{ChannelBinding, SslMode};
+    let needs_tls = if parsed.get_ssl_mode() == SslMode::Require {
+        "sslmode=require"
+    } else if parsed.get_channel_binding() == ChannelBinding::Require {
+        "channel_binding=require"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{needs_tls}: {NO_TLS}"))
 }
 
 /// A list of humantime durations ("5s", "2h").
@@ -627,6 +724,96 @@ mod tests {
         .expect("valid");
         assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
         assert_eq!(cfg.api.admin_claim, "admin");
+    }
+
+    fn problem(pairs: &[(&str, &str)]) -> String {
+        Config::load(None, &env(pairs))
+            .expect_err("invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_overflowed() {
+        // Each parsed and then refused by PostgreSQL or panicked (exit 101).
+        for (var, key) in [
+            ("THORN_DELIVERY__LEASE", "delivery.lease"),
+            ("THORN_DELIVERY__RETRY_SCHEDULE", "delivery.retry_schedule"),
+            ("THORN_DELIVERY__DISABLE_AFTER", "delivery.disable_after"),
+            (
+                "THORN_DELIVERY__MAX_RETRY_AFTER",
+                "delivery.max_retry_after",
+            ),
+            ("THORN_DELIVERY__SHUTDOWN_GRACE", "delivery.shutdown_grace"),
+            (
+                "THORN_DELIVERY__CONNECT_TIMEOUT",
+                "delivery.connect_timeout",
+            ),
+            ("THORN_DISPATCH__POLL_INTERVAL", "dispatch.poll_interval"),
+            ("THORN_DISPATCH__LINGER", "dispatch.linger"),
+            ("THORN_RETENTION__DELIVERED", "retention.delivered"),
+            ("THORN_RETENTION__DEAD", "retention.dead"),
+            ("THORN_RETENTION__INTERVAL", "retention.interval"),
+        ] {
+            let message = problem(&[(var, "1000000y")]);
+            assert!(message.starts_with(key), "{var}: {message}");
+            assert!(message.contains("too long"), "{var}: {message}");
+        }
+        // Overflowed `timeout * 4` in `lease()` before validation.
+        let message = problem(&[("THORN_DELIVERY__TIMEOUT", "200000000000y")]);
+        assert!(message.starts_with("delivery.timeout: "), "{message}");
+        assert!(message.contains("at most 1h"), "{message}");
+        let message = problem(&[("THORN_DELIVERY__RETRY_SCHEDULE", "5s,11years")]);
+        assert!(message.contains("entry 2"), "{message}");
+    }
+
+    #[test]
+    fn durations_at_their_caps_are_valid() {
+        let cfg = Config::load(
+            None,
+            &env(&[
+                ("THORN_DELIVERY__TIMEOUT", "1h"),
+                ("THORN_DELIVERY__LEASE", "1day"),
+                ("THORN_DELIVERY__RETRY_SCHEDULE", "5s,10years"),
+                ("THORN_DELIVERY__DISABLE_AFTER", "10years"),
+                ("THORN_RETENTION__DEAD", "10years"),
+                ("THORN_DISPATCH__POLL_INTERVAL", "1day"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.delivery.lease(), DAY);
+        // The default lease follows the largest timeout without a cap error.
+        let cfg = Config::load(None, &env(&[("THORN_DELIVERY__TIMEOUT", "1h")])).expect("valid");
+        assert_eq!(cfg.delivery.lease(), 4 * HOUR);
+    }
+
+    #[test]
+    fn database_url_must_parse_and_not_need_tls() {
+        for url in [
+            "postgres://u:hunter2@[bad/db",
+            "postgres://u:hunter2@h:99999/db",
+            "postgres://u:hunter2@h/db?sslmode=verify-full",
+            "postgres://u:hunter2@h/db?sslmode=verify-ca",
+            "postgres://u:hunter2@h/db?sslmode=require",
+            "host=h user=u password=hunter2 sslmode=require",
+            "postgres://u:hunter2@h/db?channel_binding=require",
+        ] {
+            let message = problem(&[("THORN_DATABASE_URL", url)]);
+            assert!(message.starts_with("database_url: "), "{url}: {message}");
+            assert!(!message.contains("hunter2"), "{url}: {message}");
+        }
+        let message = problem(&[("THORN_DATABASE_URL", "postgres://h/db?sslmode=require")]);
+        assert!(message.contains("does not support TLS"), "{message}");
+        let message = problem(&[("THORN_DATABASE_URL", "postgres://h/db?sslmode=verify-ca")]);
+        assert!(message.contains("does not support TLS"), "{message}");
+        for url in [
+            "postgres://u:pw@db.internal:5433/app?sslmode=disable",
+            "postgres://u:pw@db.internal/app?sslmode=prefer",
+            "postgresql://thorn@%2Frun%2Fpostgresql/app",
+            "host=/run/postgresql dbname=app",
+        ] {
+            let cfg = Config::load(None, &env(&[("THORN_DATABASE_URL", url)]));
+            assert!(cfg.is_ok(), "{url}: {:?}", cfg.err());
+        }
     }
 
     #[test]

@@ -267,12 +267,28 @@ impl Ops {
 }
 
 /// How long a task's heartbeat may be silent before the daemon calls itself
-/// unhealthy: the longest legitimate wait (a safety poll, a request timing
-/// out) twice over, plus slack for a slow query.
+/// unhealthy: the longest legitimate wait, plus slack for a slow query.
+///
+/// That wait is the longer of a safety poll or a request timing out, twice
+/// over, and the sender waiting for a slot: a slot may work through a
+/// subscriber's waiting line, up to (lines + 1) timeouts, which the line's
+/// sizing keeps within the lease (`deliver::worker::Share`), so lease +
+/// timeout bounds it. Without that term a timeout of 60 s (a 240 s lease,
+/// 180 s of line) outlasted the old 160 s limit, and systemd killed a
+/// daemon that was only busy with slow endpoints.
+///
+/// Saturating, although validation caps every term, so that no config can
+/// make this panic.
 pub fn stall_limit(config: &Config) -> Duration {
-    2 * config.dispatch.poll_interval.max(Duration::from_secs(5))
-        + 2 * config.delivery.timeout
-        + Duration::from_secs(30)
+    let delivery = &config.delivery;
+    let waits = config
+        .dispatch
+        .poll_interval
+        .max(Duration::from_secs(5))
+        .saturating_add(delivery.timeout)
+        .saturating_mul(2);
+    let line = delivery.lease().saturating_add(delivery.timeout);
+    waits.max(line).saturating_add(Duration::from_secs(30))
 }
 
 impl Running {
@@ -387,6 +403,34 @@ mod tests {
         assert!(h.problems[0].contains("dispatcher"), "{h:?}");
         probe.beat();
         assert!(s.health().healthy);
+    }
+
+    fn config(timeout: u64, lease: Option<u64>) -> Config {
+        let mut c = Config::default();
+        c.delivery.timeout = Duration::from_secs(timeout);
+        c.delivery.lease_setting = lease.map(Duration::from_secs);
+        c
+    }
+
+    #[test]
+    fn the_stall_limit_outlasts_a_senders_waiting_line() {
+        // Defaults: 2 × (5 s + 3 s) = 16 s < 30 s lease + 3 s timeout.
+        assert_eq!(stall_limit(&Config::default()), Duration::from_secs(63));
+        // The reported case: a 60 s timeout (240 s lease) lets one slot
+        // work through 180 s of line; the limit was 160 s.
+        let slow = config(60, None);
+        assert!(stall_limit(&slow) >= slow.delivery.lease() + slow.delivery.timeout);
+        assert_eq!(stall_limit(&slow), Duration::from_secs(330));
+        // A configured lease counts, not only the default one.
+        let long = config(3, Some(3600));
+        assert_eq!(stall_limit(&long), Duration::from_secs(3633));
+        // A long safety poll still dominates when it is the longer wait.
+        let mut polling = config(3, None);
+        polling.dispatch.poll_interval = Duration::from_secs(300);
+        assert_eq!(stall_limit(&polling), Duration::from_secs(636));
+        // Never a panic, whatever the (unvalidated) values.
+        let absurd = config(u64::MAX, None);
+        assert_eq!(stall_limit(&absurd), Duration::MAX);
     }
 
     #[test]
