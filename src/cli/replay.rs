@@ -1,5 +1,7 @@
 //! `thorn replay`: delivers stored events to a subscriber again, as new
 //! deliveries (new ids), whether or not they matched it the first time.
+//! Only dispatched events: one still waiting for the dispatcher gets its
+//! deliveries from it, and a replay then would send it twice.
 
 use std::io::Write;
 use std::time::SystemTime;
@@ -55,6 +57,12 @@ pub enum ReplayError {
     UnknownSubscriber(Uuid),
     #[error("subscriber {0} is not active; enable it first")]
     Inactive(Uuid),
+    #[error(
+        "no dispatched event {}: unknown, pruned, or not dispatched yet (its deliveries are \
+         created then); nothing was replayed",
+        .0.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownEvents(Vec<i64>),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -87,11 +95,31 @@ pub async fn replay(
         Some(true) => {}
     }
     let ids: Option<&[i64]> = (!events.ids.is_empty()).then_some(&events.ids[..]);
+    // Every id asked for must be there, or nothing is replayed: a typo
+    // must not look like a success.
+    if let Some(ids) = ids {
+        let missing: Vec<i64> = db
+            .query(
+                "SELECT i FROM unnest($1::int8[]) AS i
+                 WHERE NOT EXISTS (SELECT 1 FROM thorn.event e
+                                   WHERE e.id = i AND e.dispatched_at IS NOT NULL)
+                 ORDER BY i",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if !missing.is_empty() {
+            return Err(ReplayError::UnknownEvents(missing));
+        }
+    }
     let created = db
         .query(
             "INSERT INTO thorn.delivery (id, event_id, subscriber_id)
              SELECT gen_random_uuid(), e.id, $1 FROM thorn.event e
-             WHERE ($2::int8[] IS NULL OR e.id = ANY ($2))
+             WHERE e.dispatched_at IS NOT NULL
+               AND ($2::int8[] IS NULL OR e.id = ANY ($2))
                AND ($3::timestamptz IS NULL OR e.created_at >= $3)
                AND ($4::timestamptz IS NULL OR e.created_at < $4)
              ORDER BY e.id

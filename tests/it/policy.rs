@@ -409,5 +409,22 @@ async fn status_retry_and_replay_commands() {
     let replay = rx.expect(1, WAIT, QUIET).await.remove(0);
     assert_eq!(item(&replay), 1);
     assert_eq!(replay.header("hook-delivery"), replayed["deliveries"][0]);
+    // An id that is not there fails, naming it, and replays nothing else.
+    let missing = (first_event + 1000).to_string();
+    let (code, _, err) = crate::support::thorn_cli(
+        &t.url,
+        &[
+            "replay",
+            "--subscriber",
+            &sub.to_string(),
+            "--event",
+            &first_event.to_string(),
+            "--event",
+            &missing,
+        ],
+    )
+    .await;
+    assert!(code != 0 && err.contains(&missing), "{code}: {err}");
+    assert!(rx.next(QUIET).await.is_none(), "replayed anyway");
     daemon.stop().await;
 }
