@@ -693,3 +693,30 @@ async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
         .count();
     assert_eq!((delivered, due), (2, 8), "{states:?}\n{}", daemon.log());
 }
+
+/// A client that never finishes its request to the API must not keep the
+/// daemon from stopping: the API's open connections get a bounded wait.
+#[tokio::test]
+async fn sigterm_does_not_wait_for_ever_on_a_half_sent_api_request() {
+    use tokio::io::AsyncWriteExt;
+    let t = TestDb::new().await;
+    let port = crate::support::free_port();
+    let mut daemon = Process::run(&config(
+        &t,
+        &format!(
+            "[api]\nlisten = \"127.0.0.1:{port}\"\njwt_secret = \"0123456789abcdef0123456789abcdef\""
+        ),
+    ));
+    crate::support::wait_for_port(port).await;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    socket
+        .write_all(b"POST /hooks/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .expect("half a request");
+    daemon.signal("TERM");
+    let status = daemon.wait(WAIT).await;
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    drop(socket);
+}
