@@ -21,8 +21,8 @@ impl Logging {
     pub fn init(log: &Log, rust_log: Option<&str>) -> Logging {
         let from_env = rust_log.is_some_and(|s| EnvFilter::try_new(s).is_ok());
         let filter = match rust_log.filter(|_| from_env) {
-            Some(s) => EnvFilter::new(s),
-            None => EnvFilter::new(&log.level),
+            Some(s) => filter(s),
+            None => filter(&log.level),
         };
         let (filter, handle) = reload::Layer::new(filter);
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -45,12 +45,44 @@ impl Logging {
         if self.from_env {
             return Ok(false);
         }
-        self.handle.reload(EnvFilter::try_new(level)?)?;
+        EnvFilter::try_new(level)?;
+        self.handle.reload(filter(level))?;
         Ok(true)
+    }
+}
+
+/// The filter for `spec`, with the database driver held at `info` unless
+/// `spec` names it: at `debug` it logs every statement's parameters, which
+/// hold subscribers' secrets.
+fn filter(spec: &str) -> EnvFilter {
+    let filter = EnvFilter::new(spec);
+    if spec.contains("tokio_postgres") {
+        return filter;
+    }
+    match "tokio_postgres=info".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
     }
 }
 
 /// systemd sets `JOURNAL_STREAM` when standard error goes to the journal.
 fn under_journald() -> bool {
     std::env::var_os("JOURNAL_STREAM").is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter;
+
+    #[test]
+    fn the_database_driver_stays_at_info_unless_named() {
+        for spec in ["debug", "trace", "thorn=debug,debug"] {
+            assert!(
+                filter(spec).to_string().contains("tokio_postgres=info"),
+                "{spec}"
+            );
+        }
+        let named = filter("debug,tokio_postgres=debug").to_string();
+        assert!(!named.contains("tokio_postgres=info"), "{named}");
+    }
 }

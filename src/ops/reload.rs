@@ -105,6 +105,9 @@ impl Reloader {
                 Some(Ok(true)) => {
                     applied.push("log.level");
                     self.current.log.level = new.log.level.clone();
+                    // Seen only at a level that shows debug lines: proof in
+                    // the log that the new filter is in force.
+                    tracing::debug!(level = %new.log.level, "log filter replaced");
                 }
                 Some(Ok(false)) => {
                     tracing::warn!("log.level changed, but RUST_LOG is set and wins");
