@@ -2,6 +2,7 @@
 //! the unit) or JSON, filtered by `RUST_LOG` when set, else by `log.level`.
 //! The filter can be swapped at run time (SIGHUP); the format cannot.
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
@@ -21,8 +22,8 @@ impl Logging {
     pub fn init(log: &Log, rust_log: Option<&str>) -> Logging {
         let from_env = rust_log.is_some_and(|s| EnvFilter::try_new(s).is_ok());
         let filter = match rust_log.filter(|_| from_env) {
-            Some(s) => filter(s),
-            None => filter(&log.level),
+            Some(s) => EnvFilter::new(s),
+            None => EnvFilter::new(&log.level),
         };
         let (filter, handle) = reload::Layer::new(filter);
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -35,6 +36,7 @@ impl Logging {
         // `try_init` so a second call (tests) leaves the first subscriber.
         let _ = tracing_subscriber::registry()
             .with(filter)
+            .with(driver_cap())
             .with(fmt)
             .try_init();
         Logging { handle, from_env }
@@ -45,24 +47,18 @@ impl Logging {
         if self.from_env {
             return Ok(false);
         }
-        EnvFilter::try_new(level)?;
-        self.handle.reload(filter(level))?;
+        self.handle.reload(EnvFilter::try_new(level)?)?;
         Ok(true)
     }
 }
 
-/// The filter for `spec`, with the database driver held at `info` unless
-/// `spec` names it: at `debug` it logs every statement's parameters, which
-/// hold subscribers' secrets.
-fn filter(spec: &str) -> EnvFilter {
-    let filter = EnvFilter::new(spec);
-    if spec.contains("tokio_postgres") {
-        return filter;
-    }
-    match "tokio_postgres=info".parse() {
-        Ok(quiet) => filter.add_directive(quiet),
-        Err(_) => filter,
-    }
+/// A second filter, under whatever `log.level` or `RUST_LOG` allow: the
+/// database driver never logs below `info`, because at `debug` it logs
+/// every statement's parameters, subscribers' secrets among them.
+fn driver_cap() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("tokio_postgres", LevelFilter::INFO)
 }
 
 /// systemd sets `JOURNAL_STREAM` when standard error goes to the journal.
@@ -72,17 +68,13 @@ fn under_journald() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::filter;
+    use tracing::Level;
 
     #[test]
-    fn the_database_driver_stays_at_info_unless_named() {
-        for spec in ["debug", "trace", "thorn=debug,debug"] {
-            assert!(
-                filter(spec).to_string().contains("tokio_postgres=info"),
-                "{spec}"
-            );
-        }
-        let named = filter("debug,tokio_postgres=debug").to_string();
-        assert!(!named.contains("tokio_postgres=info"), "{named}");
+    fn the_database_driver_never_logs_below_info() {
+        let cap = super::driver_cap();
+        assert!(!cap.would_enable("tokio_postgres::query", &Level::DEBUG));
+        assert!(cap.would_enable("tokio_postgres::connection", &Level::INFO));
+        assert!(cap.would_enable("thorn::deliver", &Level::TRACE));
     }
 }
