@@ -5,7 +5,7 @@
 //! own short statement, so pruning never holds long locks or blocks a
 //! dispatcher, and several daemons can prune at once.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,10 @@ pub async fn prune(
         "DELETE FROM thorn.delivery WHERE id IN (
              SELECT id FROM thorn.delivery
              WHERE state = 'delivered' AND last_attempt_at < now() - $1::float8 * interval '1 second'
-             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+               AND last_attempt_at >= $3
+             ORDER BY last_attempt_at
+             LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING last_attempt_at",
         settings.delivered,
         stop,
     )
@@ -69,20 +72,27 @@ pub async fn prune(
         "DELETE FROM thorn.delivery WHERE id IN (
              SELECT id FROM thorn.delivery
              WHERE state = 'dead' AND last_attempt_at < now() - $1::float8 * interval '1 second'
-             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+               AND last_attempt_at >= $3
+             ORDER BY last_attempt_at
+             LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING last_attempt_at",
         settings.dead,
         stop,
     )
     .await?;
     // An event goes once no delivery refers to it; a dead delivery keeps its
-    // event (for `thorn retry`) until the dead one is pruned.
+    // event (for `thorn retry`) until the dead one is pruned. Those kept are
+    // the oldest, so without the cursor every batch would read them again.
     let events = repeat(
         db,
         "DELETE FROM thorn.event WHERE id IN (
              SELECT e.id FROM thorn.event e
              WHERE e.dispatched_at < now() - $1::float8 * interval '1 second'
+               AND e.dispatched_at >= $3
                AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)
-             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+             ORDER BY e.dispatched_at
+             LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING dispatched_at",
         settings.delivered,
         stop,
     )
@@ -94,6 +104,11 @@ pub async fn prune(
     })
 }
 
+/// Runs a batch delete until it comes up short. Each batch starts where
+/// the one before ended (`$3`, the latest time it deleted, returned by the
+/// statement): rows passed over, kept or locked elsewhere, are read once
+/// per pass, not once per batch. Rows of the same time are read again, so
+/// none is skipped.
 async fn repeat(
     db: &impl GenericClient,
     sql: &str,
@@ -102,12 +117,16 @@ async fn repeat(
 ) -> Result<u64, tokio_postgres::Error> {
     let statement = db.prepare(sql).await?;
     let mut total = 0;
+    let mut from = SystemTime::UNIX_EPOCH;
     while !stop.is_cancelled() {
-        let n = db
-            .execute(&statement, &[&age.as_secs_f64(), &BATCH])
+        let rows = db
+            .query(&statement, &[&age.as_secs_f64(), &BATCH, &from])
             .await?;
-        total += n;
-        if n < BATCH as u64 {
+        total += rows.len() as u64;
+        for row in &rows {
+            from = from.max(row.try_get(0)?);
+        }
+        if rows.len() < BATCH as usize {
             break;
         }
     }
