@@ -959,9 +959,11 @@ async fn a_table_owner_cannot_run_a_cast_to_json_as_the_schema_owner() {
         assert!(message.contains("cast to json (public.tone)"), "{message}");
     };
     result.await;
-    let _ = admin
+    admin
         .batch_execute(&format!(
-            "DROP TABLE public.other; DROP OWNED BY {app_role}; DROP ROLE {app_role}"
+            "DROP TABLE public.other; DROP CAST (public.tone AS json);
+             DROP OWNED BY {app_role}; DROP ROLE {app_role}"
         ))
-        .await;
+        .await
+        .expect("cleanup");
 }
