@@ -44,15 +44,10 @@ pub struct Claimed {
     /// Taken before the claim was sent, so never later than the start of
     /// its lease.
     pub claimed_at: Instant,
-}
-
-/// A claimed delivery and the lease its claim holds: the `next_attempt_at`
-/// the claim wrote. Only the holder of that lease writes the delivery's
-/// outcome or releases it (COMPLETE, [`release`]): a claim whose lease ran
-/// out, and perhaps went to another claim, changes nothing.
-#[derive(Debug, Clone)]
-pub struct Leased {
-    pub delivery: Claimed,
+    /// The lease the claim holds: the `next_attempt_at` it wrote. Only the
+    /// holder of that lease writes the delivery's outcome or releases it
+    /// (COMPLETE, [`release`]): a claim whose lease ran out, and perhaps
+    /// went to another claim, changes nothing.
     pub lease: SystemTime,
 }
 
@@ -80,7 +75,7 @@ impl Room {
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub id: Uuid,
-    /// The lease the attempt was made under (see [`Leased`]).
+    /// The lease the attempt was made under (see [`Claimed::lease`]).
     pub lease: SystemTime,
     /// `delivered`, `pending` (retry after `retry_in`) or `dead`.
     pub state: &'static str,
@@ -375,7 +370,7 @@ impl Statements {
         lease: Duration,
         room: &Room,
         after: Uuid,
-    ) -> Result<Vec<Leased>, tokio_postgres::Error> {
+    ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
         let per_subscriber = i32::try_from(room.limit).unwrap_or(i32::MAX);
         // The lease starts at the statement's now(), some time after this
         // and before the rows come back; a delivery's age counted from here
@@ -396,7 +391,7 @@ impl Statements {
             .await?;
         rows.iter()
             .map(|r| {
-                let delivery = Claimed {
+                Ok(Claimed {
                     id: r.try_get(0)?,
                     attempts: r.try_get(1)?,
                     event_id: r.try_get(2)?,
@@ -414,9 +409,6 @@ impl Statements {
                     event_age: Duration::try_from_secs_f64(r.try_get::<_, f64>(14)?.max(0.0))
                         .unwrap_or_default(),
                     claimed_at,
-                };
-                Ok(Leased {
-                    delivery,
                     lease: r.try_get(15)?,
                 })
             })

@@ -117,7 +117,7 @@ struct Tracked {
 #[derive(Default)]
 struct Line {
     sending: usize,
-    waiting: VecDeque<queue::Leased>,
+    waiting: VecDeque<queue::Claimed>,
 }
 
 impl Line {
@@ -150,13 +150,12 @@ impl InFlight {
     /// (the claim should have prevented it).
     fn admit(
         &self,
-        leased: queue::Leased,
+        delivery: queue::Claimed,
         share: Share,
         permits: &mut Vec<OwnedSemaphorePermit>,
-    ) -> Result<Option<(queue::Leased, OwnedSemaphorePermit)>, (Uuid, SystemTime)> {
+    ) -> Result<Option<(queue::Claimed, OwnedSemaphorePermit)>, (Uuid, SystemTime)> {
         let mut t = self.lock();
-        let (id, subscriber) = (leased.delivery.id, leased.delivery.subscriber_id);
-        let lease = leased.lease;
+        let (id, subscriber, lease) = (delivery.id, delivery.subscriber_id, delivery.lease);
         let line = t.per_subscriber.entry(subscriber).or_default();
         let admitted = if !line.at_limit(share) {
             let Some(permit) = permits.pop() else {
@@ -166,9 +165,9 @@ impl InFlight {
                 return Err((id, lease));
             };
             line.sending += 1;
-            Some((leased, permit))
+            Some((delivery, permit))
         } else if line.waiting.len() < share.depth {
-            line.waiting.push_back(leased);
+            line.waiting.push_back(delivery);
             None
         } else {
             return Err((id, lease));
@@ -188,7 +187,7 @@ impl InFlight {
         subscriber: Uuid,
         go_on: bool,
         fresh_for: Duration,
-    ) -> Option<queue::Leased> {
+    ) -> Option<queue::Claimed> {
         let mut t = self.lock();
         t.deliveries.remove(&delivery);
         let line = t.per_subscriber.get_mut(&subscriber)?;
@@ -196,8 +195,8 @@ impl InFlight {
         let mut stale = Vec::new();
         while go_on && next.is_none() {
             match line.waiting.pop_front() {
-                Some(d) if d.delivery.claimed_at.elapsed() < fresh_for => next = Some(d),
-                Some(d) => stale.push(d.delivery.id),
+                Some(d) if d.claimed_at.elapsed() < fresh_for => next = Some(d),
+                Some(d) => stale.push(d.id),
                 None => break,
             }
         }
@@ -349,7 +348,7 @@ impl Worker {
             // shortest wait.
             backoff.reset();
             if let Some(last) = claimed.last() {
-                after = last.delivery.subscriber_id;
+                after = last.subscriber_id;
             }
             let got = claimed.len();
             // The claim kept to the room, so nothing should be over: a
@@ -430,7 +429,7 @@ impl Worker {
     /// or the daemon stops (the ones still waiting are released then).
     fn spawn_send(
         &self,
-        leased: queue::Leased,
+        delivery: queue::Claimed,
         permit: OwnedSemaphorePermit,
         in_flight: Arc<InFlight>,
         share: Share,
@@ -444,16 +443,15 @@ impl Worker {
         let probe = self.probe.clone();
         let stopping = shutdown.clone();
         self.tracker.spawn(async move {
-            let mut leased = leased;
+            let mut delivery = delivery;
             let mut permit = Some(permit);
             loop {
-                let delivery = &leased.delivery;
                 let attempt = tokio::select! {
-                    attempt = client.attempt(delivery) => attempt,
+                    attempt = client.attempt(&delivery) => attempt,
                     // Past the shutdown grace: the caller releases the lease.
                     _ = abort.cancelled() => return,
                 };
-                let record = outcome(&leased, &attempt, &settings);
+                let record = outcome(&delivery, &attempt, &settings);
                 let c = &record.completion;
                 let age = delivery.event_age + delivery.claimed_at.elapsed();
                 probe
@@ -484,7 +482,7 @@ impl Worker {
                 // claimer waits for.
                 ready.notify_one();
                 match next {
-                    Some(next) => leased = next,
+                    Some(next) => delivery = next,
                     None => return,
                 }
             }
@@ -493,8 +491,7 @@ impl Worker {
 }
 
 /// Turns an attempt into the row update, deciding retry or death.
-fn outcome(leased: &queue::Leased, attempt: &Attempt, settings: &Settings) -> Done {
-    let d = &leased.delivery;
+fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
     let attempts = u32::try_from(d.attempts).unwrap_or(0) + 1;
     let duration_ms = i32::try_from(attempt.duration.as_millis()).unwrap_or(i32::MAX);
     let (state, retry_in, status_code, class) = match attempt.result {
@@ -531,7 +528,7 @@ fn outcome(leased: &queue::Leased, attempt: &Attempt, settings: &Settings) -> Do
     Done {
         completion: queue::Completion {
             id: d.id,
-            lease: leased.lease,
+            lease: d.lease,
             state,
             retry_in,
             status_code,

@@ -352,7 +352,7 @@ async fn a_claims_age_counts_from_before_it_was_sent() {
     let claimed = claim.await.expect("the claim's task").expect("claim");
     assert_eq!(claimed.len(), 1);
     assert!(
-        claimed[0].delivery.claimed_at < released,
+        claimed[0].claimed_at < released,
         "the claim's age starts when its rows come back"
     );
     // The lease the claim holds is the one it wrote.
