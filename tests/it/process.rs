@@ -66,6 +66,13 @@ impl Process {
         }
     }
 
+    /// SIGTERM, then a clean exit (status 0) within `within`.
+    pub async fn stop_cleanly(&mut self, within: Duration) {
+        self.signal("TERM");
+        let status = self.wait(within).await;
+        assert!(status.success(), "exit {status:?}:\n{}", self.log());
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }

@@ -344,9 +344,7 @@ async fn refused_for_a_moment(setting: &str, value: &str) {
     lock.commit().await.expect("commit");
     eventually(&db, "SELECT state = 'delivered' FROM thorn.delivery").await;
     assert!(rx.next(QUIET).await.is_none(), "sent again");
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
 }
 
 /// A statement cut off with its session (57P01, terminated by an
@@ -364,31 +362,18 @@ async fn outcomes_cut_off_with_their_session_are_written_after_reconnecting() {
         .await
         .expect("row lock");
     // The completer's write, waiting for the lock.
-    let waiting = "SELECT pid FROM pg_stat_activity
+    let waiting = "FROM pg_stat_activity
                    WHERE datname = current_database() AND wait_event_type = 'Lock'
                      AND query LIKE '%UPDATE thorn.delivery d SET%state = u.state%'";
-    let deadline = Instant::now() + WAIT;
-    let pid: i32 = loop {
-        if let Some(row) = watcher.query_opt(waiting, &[]).await.expect("activity") {
-            break row.get(0);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no write waits:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    eventually(&watcher, &format!("SELECT EXISTS (SELECT 1 {waiting})")).await;
     watcher
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .execute(&format!("SELECT pg_terminate_backend(pid) {waiting}"), &[])
         .await
         .expect("terminate the completer's session");
     lock.commit().await.expect("commit");
     eventually(&db, "SELECT state = 'delivered' FROM thorn.delivery").await;
     assert!(rx.next(QUIET).await.is_none(), "sent again");
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
 }
 
 /// One outcome the database refuses for good (here a trigger refuses the
@@ -439,9 +424,7 @@ async fn an_outcome_refused_for_good_costs_only_its_own_row() {
         .map(|r| (r.get(0), r.get(1)))
         .expect("item 4");
     assert_eq!(refused, ("pending".to_owned(), 0), "left to its lease");
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
 }
 
 /// Only the claim holding a delivery's lease writes its outcome. Here the
@@ -477,9 +460,7 @@ async fn an_outcome_whose_lease_was_taken_over_is_not_written() {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .expect("delivery");
     assert_eq!((state.as_str(), attempts, leased), ("pending", 0, true));
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
 }
 
 /// Stalls the completer of a daemon started next, after its first write:
@@ -566,9 +547,7 @@ async fn deliveries_waiting_behind_a_stalled_completer_are_not_sent_on_an_old_le
     daemon
         .wait_for_log("deliveries waited too long", WAIT)
         .await;
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
 }
 
 /// SIGTERM while the completer cannot write: the request waiting to hand
@@ -605,9 +584,7 @@ async fn sigterm_lets_requests_finish_then_exits_zero() {
     let (db, mut rx) = slow_subscriber_with_items(&t, Duration::from_millis(700), 3).await;
     let mut daemon = Process::run(&config(&t, r#"timeout = "3s""#));
     rx.next(WAIT).await.expect("a request in flight");
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
     let states: Vec<String> = db
         .query("SELECT state FROM thorn.delivery", &[])
         .await
@@ -629,9 +606,7 @@ async fn requests_cut_off_by_shutdown_are_released_at_once() {
         shutdown_grace = "300ms""#,
     ));
     rx.next(WAIT).await.expect("a request in flight");
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
     // Not leased for another minute: due now, for the next daemon.
     let due: bool = db
         .query_one(
@@ -674,9 +649,7 @@ async fn deliveries_waiting_for_a_busy_subscriber_are_released_at_shutdown() {
         assert!(Instant::now() < deadline, "{n} leased:\n{}", daemon.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
     assert_eq!(rx.max_in_flight(), 2);
     let rows = db
         .query(
@@ -715,8 +688,6 @@ async fn sigterm_does_not_wait_for_ever_on_a_half_sent_api_request() {
         .write_all(b"POST /hooks/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         .await
         .expect("half a request");
-    daemon.signal("TERM");
-    let status = daemon.wait(WAIT).await;
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
     drop(socket);
 }

@@ -682,17 +682,34 @@ async fn secrets_stay_out_of_logs_errors_and_debug_output() {
         signer: "sign".into(),
         event_age: std::time::Duration::ZERO,
         claimed_at: std::time::Instant::now(),
+        lease: std::time::SystemTime::now(),
     };
     assert!(!format!("{claimed:?}").contains(SECRET));
+}
+
+/// A role name of its own for one test: roles belong to the whole server,
+/// and tests run in parallel.
+fn role_name(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The test database's URL, logging in as `role` (trust auth: no password).
+fn url_as(url: &str, role: &str) -> String {
+    let mut u = url::Url::parse(url).expect("url");
+    let _ = u.set_username(role);
+    let _ = u.set_password(None);
+    u.to_string()
 }
 
 #[tokio::test]
 async fn least_privilege_daemon_and_application_roles() {
     let t = TestDb::new().await;
     let admin = t.client().await;
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let daemon_role = format!("thorn_daemon_{}", &suffix[..12]);
-    let app_role = format!("thorn_app_{}", &suffix[..12]);
+    let daemon_role = role_name("thorn_daemon");
+    let app_role = role_name("thorn_app");
     let grants = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql"))
         .expect("sql/roles.sql")
         .replace(":\"daemon\"", &format!("\"{daemon_role}\""));
@@ -714,13 +731,7 @@ async fn least_privilege_daemon_and_application_roles() {
             .expect("sql/roles.sql applies");
         let mut rx = Receiver::start().await;
         subscribe(&admin, "article.*", &rx.url("/"), None, "secret").await;
-        let as_role = |role: &str| {
-            let mut u = url::Url::parse(&t.url).expect("url");
-            let _ = u.set_username(role);
-            let _ = u.set_password(None);
-            u.to_string()
-        };
-        let app = crate::support::connect(&as_role(&app_role)).await;
+        let app = crate::support::connect(&url_as(&t.url, &app_role)).await;
         let no_rights: bool = app
             .query_one(
                 "SELECT NOT has_schema_privilege(current_user, 'thorn', 'USAGE')
@@ -740,7 +751,7 @@ async fn least_privilege_daemon_and_application_roles() {
             .is_err());
 
         let mut config = t.config();
-        config.database_url.0 = as_role(&daemon_role);
+        config.database_url.0 = url_as(&t.url, &daemon_role);
         let daemon = Daemon::start(config);
         app.batch_execute(
             "INSERT INTO article (title) VALUES ('a');
@@ -761,7 +772,7 @@ async fn least_privilege_daemon_and_application_roles() {
         let ended = wait_ended(&admin, 3, WAIT).await;
         assert!(ended.iter().all(|e| e.state == "delivered"), "{ended:#?}");
         // The daemon's role cannot change the schema or read application data.
-        let daemon_db = crate::support::connect(&as_role(&daemon_role)).await;
+        let daemon_db = crate::support::connect(&url_as(&t.url, &daemon_role)).await;
         assert!(daemon_db
             .batch_execute("CREATE TABLE thorn.x (a int)")
             .await
@@ -795,10 +806,7 @@ async fn least_privilege_daemon_and_application_roles() {
 async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
     let t = TestDb::new().await;
     let admin = t.client().await;
-    let app_role = format!(
-        "thorn_hijack_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
+    let app_role = role_name("thorn_hijack");
     admin
         .batch_execute(&format!(
             "CREATE ROLE {app_role} LOGIN;
@@ -814,9 +822,7 @@ async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
         .await
         .expect("set-up");
     let result = async {
-        let mut u = url::Url::parse(&t.url).expect("url");
-        let _ = u.set_username(&app_role);
-        let app = crate::support::connect(u.as_str()).await;
+        let app = crate::support::connect(&url_as(&t.url, &app_role)).await;
         // Exact-type matches beat pg_catalog's polymorphic and variadic
         // originals, and the writer puts its schema first.
         app.batch_execute(
@@ -892,10 +898,7 @@ async fn a_writer_search_path_cannot_hijack_the_capture_triggers() {
 async fn a_table_owner_cannot_run_a_cast_to_json_as_the_schema_owner() {
     let t = TestDb::new().await;
     let admin = t.client().await;
-    let app_role = format!(
-        "thorn_cast_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
+    let app_role = role_name("thorn_cast");
     admin
         .batch_execute(&format!(
             "CREATE ROLE {app_role} LOGIN;
@@ -907,9 +910,7 @@ async fn a_table_owner_cannot_run_a_cast_to_json_as_the_schema_owner() {
         .await
         .expect("set-up");
     let result = async {
-        let mut u = url::Url::parse(&t.url).expect("url");
-        let _ = u.set_username(&app_role);
-        let app = crate::support::connect(u.as_str()).await;
+        let app = crate::support::connect(&url_as(&t.url, &app_role)).await;
         // Were the cast ever called by a capture, it would run as the owner
         // of schema thorn (here a superuser) and make the role one.
         app.batch_execute(&format!(
