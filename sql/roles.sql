@@ -8,7 +8,8 @@
 -- The daemon role (`thorn run`) then needs nothing else: it claims events,
 -- writes deliveries, deactivates subscribers (410 Gone, auto-disable) and
 -- prunes old rows. It cannot create objects, read application tables, or
--- add or change subscriptions other than switching them off. It must be
+-- add or change subscriptions other than switching them off and writing
+-- those of its config's [subscribers] tables. It must be
 -- able to LOGIN; CONNECT on the database is granted to PUBLIC by default.
 --
 -- Application roles need no grant here at all: the capture triggers are
@@ -24,6 +25,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON thorn.delivery TO :"daemon";
 -- Subscribers: read, and switch off (the only columns it may change).
 GRANT SELECT ON thorn.subscriber TO :"daemon";
 GRANT UPDATE (active, deactivated_reason, failing_since) ON thorn.subscriber TO :"daemon";
+-- The config's [subscribers] tables: it writes those rows and no others
+-- (a SECURITY DEFINER function, sql/0015_config_subscribers.sql).
+GRANT EXECUTE ON FUNCTION thorn.sync_config_subscribers(jsonb) TO :"daemon";
 -- Changing a subscriber bumps the version that daemons cache against.
 GRANT SELECT, UPDATE ON thorn.subscriber_version TO :"daemon";
 -- The outbox's id sequence: the monitor reports how many events were written.

@@ -4,7 +4,7 @@
 //! Loading is a pure function of the file's text and an environment map, so
 //! tests never touch the process environment. Every problem names its key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,6 +51,21 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
+    }
+}
+
+/// A `[subscribers.<name>]` name is also a key of `THORN_SUBSCRIBERS__<NAME>__…`
+/// variables, which are read in lower case.
+fn check_subscriber_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+    if name.is_empty() || name.len() > MAX_SUBSCRIBER_NAME {
+        Err(format!(
+            "a name must have 1 to {MAX_SUBSCRIBER_NAME} characters"
+        ))
+    } else if !name.chars().all(allowed) || name.contains("__") {
+        Err("a name may hold only a-z, 0-9, _ and -, and no double _".into())
+    } else {
+        Ok(())
     }
 }
 
@@ -172,8 +187,8 @@ pub struct Listen {
     pub listen: Option<SocketAddr>,
 }
 
-/// A config value that never reaches a log (JWT secrets).
-#[derive(Clone, Default, Deserialize)]
+/// A config value that never reaches a log (JWT and HMAC secrets).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(transparent)]
 pub struct Redacted(pub String);
 
@@ -220,6 +235,27 @@ impl Default for Api {
     }
 }
 
+/// `[subscribers.<name>]`: a subscriber kept in the config (Thorn's
+/// THORN_SUBSCRIBERS). `thorn run` writes these into thorn.subscriber at
+/// start and on reload (sql/0015_config_subscribers.sql); the database
+/// validates them like any other row. Absent values take the column
+/// defaults; an absent secret keeps the row's (a random one at first).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSubscriber {
+    pub event: String,
+    pub url: String,
+    pub owner: Option<String>,
+    pub hmac_secret: Option<Redacted>,
+    pub hmac_digest: Option<String>,
+    pub content_type: Option<String>,
+    pub hmac_signer: Option<String>,
+    pub ordered: Option<bool>,
+}
+
+/// The longest name of a `[subscribers.<name>]` table.
+const MAX_SUBSCRIBER_NAME: usize = 63;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -231,6 +267,10 @@ pub struct Config {
     pub retention: Retention,
     pub metrics: Listen,
     pub api: Api,
+    /// `None` (no `[subscribers]` in the config): the daemon leaves
+    /// config-made subscribers as they are, so a second daemon started
+    /// without them removes nothing. `Some` of an empty map removes them all.
+    pub subscribers: Option<BTreeMap<String, ConfigSubscriber>>,
 }
 
 impl Default for Log {
@@ -314,6 +354,7 @@ impl Default for Config {
             retention: Retention::default(),
             metrics: Listen::default(),
             api: Api::default(),
+            subscribers: None,
         }
     }
 }
@@ -443,6 +484,11 @@ impl Config {
                     "delivery.retry_schedule",
                     format!("entry {}: {}", i + 1, too_long(*delay, TEN_YEARS)),
                 );
+            }
+        }
+        for name in self.subscribers.iter().flat_map(BTreeMap::keys) {
+            if let Err(message) = check_subscriber_name(name) {
+                bad("subscribers", format!("{name:?}: {message}"));
             }
         }
 
@@ -814,6 +860,60 @@ mod tests {
             let cfg = Config::load(None, &env(&[("THORN_DATABASE_URL", url)]));
             assert!(cfg.is_ok(), "{url}: {:?}", cfg.err());
         }
+    }
+
+    #[test]
+    fn subscribers_from_the_file_and_the_environment() {
+        let file = r#"
+            [subscribers.audit]
+            event = "article.*"
+            url = "https://audit.example.com/hook"
+            hmac_digest = "sha512"
+            [subscribers.crm-sync]
+            event = "user.created"
+            url = "https://crm.example.com/in"
+            owner = "alice"
+        "#;
+        let cfg = Config::load(
+            Some(file),
+            &env(&[
+                ("THORN_SUBSCRIBERS__AUDIT__HMAC_SECRET", "from-the-env"),
+                ("THORN_SUBSCRIBERS__AUDIT__ORDERED", "true"),
+            ]),
+        )
+        .expect("valid");
+        let subs = cfg.subscribers.expect("a [subscribers] table");
+        assert_eq!(subs.keys().collect::<Vec<_>>(), ["audit", "crm-sync"]);
+        let audit = &subs["audit"];
+        assert_eq!(audit.hmac_secret, Some(Redacted("from-the-env".into())));
+        assert_eq!(audit.ordered, Some(true));
+        assert_eq!(audit.hmac_digest.as_deref(), Some("sha512"));
+        assert_eq!(subs["crm-sync"].owner.as_deref(), Some("alice"));
+        assert!(!format!("{audit:?}").contains("from-the-env"));
+
+        assert!(Config::load(None, &HashMap::new())
+            .expect("defaults")
+            .subscribers
+            .is_none());
+        let empty = Config::load(Some("[subscribers]"), &HashMap::new()).expect("empty table");
+        assert_eq!(empty.subscribers.map(|s| s.len()), Some(0));
+    }
+
+    #[test]
+    fn bad_subscriber_tables_are_refused() {
+        let load = |text: &str| {
+            Config::load(Some(text), &HashMap::new())
+                .expect_err("refused")
+                .to_string()
+        };
+        let missing = load("[subscribers.a]\nevent = \"x\"");
+        assert!(missing.contains("url"), "{missing}");
+        let unknown = load("[subscribers.a]\nevent = \"x\"\nurl = \"http://h/\"\nsecret = \"s\"");
+        assert!(unknown.contains("secret"), "{unknown}");
+        let name = load("[subscribers.\"a b\"]\nevent = \"x\"\nurl = \"http://h/\"");
+        assert!(name.starts_with("subscribers: \"a b\""), "{name}");
+        let upper = load("[subscribers.Audit]\nevent = \"x\"\nurl = \"http://h/\"");
+        assert!(upper.starts_with("subscribers: \"Audit\""), "{upper}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::db::{self, listen, migrate};
+use crate::db::{self, listen, migrate, subscribers};
 use crate::deliver::worker::{InFlight, Worker};
 use crate::deliver::{client, complete};
 use crate::dispatch::Dispatcher;
@@ -33,7 +33,8 @@ use crate::retention;
 /// might still wait on can hold the exit.
 const CUT_OFF_WAIT: Duration = Duration::from_secs(5);
 
-/// Connects (waiting for the database if needed) and applies migrations.
+/// Connects (waiting for the database if needed), applies migrations and
+/// writes the config's `[subscribers]`.
 pub async fn prepare_database(
     config: &Config,
     shutdown: &CancellationToken,
@@ -59,7 +60,32 @@ pub async fn prepare_database(
         Ok(_) => {}
         Err(error) => tracing::debug!(%error, "cannot check partition trees"),
     }
+    sync_config_subscribers(&client, config).await?;
     Ok(true)
+}
+
+/// Makes the subscribers of the config's `[subscribers]` table (if it has
+/// one) those in the database, and logs each one created, changed or
+/// removed. Called at start and on reload.
+pub async fn sync_config_subscribers(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let Some(entries) = &config.subscribers else {
+        return Ok(());
+    };
+    let synced = subscribers::sync_config(client, entries)
+        .await
+        .context("writing the config's [subscribers] to the database")?;
+    for s in &synced {
+        tracing::info!(name = %s.name, id = %s.id, change = %s.change, "subscriber from the config");
+    }
+    tracing::info!(
+        configured = entries.len(),
+        changed = synced.len(),
+        "subscribers from the config are in place"
+    );
+    Ok(())
 }
 
 /// Runs the daemon until `shutdown` fires, then drains.

@@ -103,7 +103,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("thorn: {error:#}");
-            ExitCode::FAILURE
+            // A `[subscribers]` entry the database refuses is a bad config
+            // too: exit 64, which systemd does not restart.
+            let bad_config = error.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref(),
+                    Some(thorn::db::subscribers::StoreError::Invalid(_))
+                )
+            });
+            ExitCode::from(if bad_config { 64 } else { 1 })
         }
     }
 }
@@ -181,10 +189,17 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
                 ))
             });
         match reached {
-            Ok(Reachable::Yes { schema, latest }) if schema >= latest => {
+            Ok(Reachable::Yes { subscribers, .. }) if !subscribers.is_empty() => {
+                for problem in &subscribers {
+                    eprintln!("thorn: bad config: {problem}");
+                }
+                eprintln!("thorn: {} problem(s) in the config", subscribers.len());
+                return ExitCode::from(64);
+            }
+            Ok(Reachable::Yes { schema, latest, .. }) if schema >= latest => {
                 println!("database reachable; schema current (version {schema})");
             }
-            Ok(Reachable::Yes { schema, latest }) => println!(
+            Ok(Reachable::Yes { schema, latest, .. }) => println!(
                 "database reachable; schema at version {schema} of {latest}: `thorn migrate` (or `thorn run`) upgrades it"
             ),
             Ok(Reachable::No(error)) => {

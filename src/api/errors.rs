@@ -122,6 +122,9 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
             StoreError::Invalid(fields) => ApiError::invalid(fields),
+            StoreError::FromConfig(message) => {
+                ApiError::new(StatusCode::CONFLICT, "from_config", message)
+            }
             StoreError::Db(error) => ApiError::database(&error),
         }
     }

@@ -182,6 +182,12 @@ fn print_one(out: &mut impl Write, row: &Subscription, json: bool) -> anyhow::Re
     writeln!(out, "ordered:      {}", row.ordered)?;
     writeln!(out, "created_at:   {}", row.created_at)?;
     writeln!(out, "updated_at:   {}", row.updated_at)?;
+    if let Some(name) = &row.config_name {
+        writeln!(
+            out,
+            "from config:  [subscribers.{name}] (change or remove it there)"
+        )?;
+    }
     Ok(())
 }
 

@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0013_guard_holes.sql"),
     ),
     (14, "reenable", include_str!("../../sql/0014_reenable.sql")),
+    (
+        15,
+        "config_subscribers",
+        include_str!("../../sql/0015_config_subscribers.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -13,6 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
+use crate::config::ConfigSubscriber;
 use crate::sign::Secret;
 
 /// A subscriber as people see it.
@@ -30,6 +31,8 @@ pub struct Subscription {
     pub ordered: bool,
     pub active: bool,
     pub deactivated_reason: Option<String>,
+    /// The `[subscribers.<name>]` table it comes from, if any.
+    pub config_name: Option<String>,
     /// RFC 3339 in UTC, microseconds, `Z` (as Thorn's API rendered them).
     pub created_at: String,
     pub updated_at: String,
@@ -61,6 +64,10 @@ pub type FieldErrors = BTreeMap<String, Vec<String>>;
 pub enum StoreError {
     #[error("invalid subscriber: {}", describe(.0))]
     Invalid(FieldErrors),
+    /// The row comes from the daemon's config (sql/0015), which is the one
+    /// place to change it; the database's message says so.
+    #[error("{0}")]
+    FromConfig(String),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -74,7 +81,7 @@ fn describe(fields: &FieldErrors) -> String {
 }
 
 const COLUMNS: &str = "id, event, url, content_type, owner, hmac_secret, hmac_digest, hmac_signer,
-    ordered, active, deactivated_reason,
+    ordered, active, deactivated_reason, config_name,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
@@ -91,8 +98,9 @@ fn from_row(r: &Row) -> Result<Subscription, tokio_postgres::Error> {
         ordered: r.try_get(8)?,
         active: r.try_get(9)?,
         deactivated_reason: r.try_get(10)?,
-        created_at: r.try_get(11)?,
-        updated_at: r.try_get(12)?,
+        config_name: r.try_get(11)?,
+        created_at: r.try_get(12)?,
+        updated_at: r.try_get(13)?,
     })
 }
 
@@ -144,6 +152,11 @@ fn rejected(error: tokio_postgres::Error) -> StoreError {
     let Some(db) = error.as_db_error() else {
         return StoreError::Db(error);
     };
+    if *db.code() == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
+        && db.column() == Some("config_name")
+    {
+        return StoreError::FromConfig(db.message().to_owned());
+    }
     if *db.code() != SqlState::CHECK_VIOLATION {
         return StoreError::Db(error);
     }
@@ -282,13 +295,14 @@ pub async fn delete(
     db: &impl GenericClient,
     id: Uuid,
     scope: Option<&str>,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<bool, StoreError> {
     let n = db
         .execute(
             "DELETE FROM thorn.subscriber WHERE id = $1 AND ($2::text IS NULL OR owner = $2)",
             &[&id, &scope],
         )
-        .await?;
+        .await
+        .map_err(rejected)?;
     Ok(n > 0)
 }
 
@@ -310,4 +324,68 @@ pub async fn set_active(
         .as_ref()
         .map(from_row)
         .transpose()
+}
+
+/// What a sync of the config's subscribers did to one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synced {
+    pub name: String,
+    pub id: Uuid,
+    /// `created`, `changed` or `removed`.
+    pub change: String,
+}
+
+/// Makes the config-made rows what `entries` says (sql/0015): creates,
+/// changes and removes them in one transaction. Every bad field of every
+/// entry is reported at once, as `subscribers.<name>.<field>`, and then
+/// nothing is written.
+pub async fn sync_config(
+    db: &impl GenericClient,
+    entries: &BTreeMap<String, ConfigSubscriber>,
+) -> Result<Vec<Synced>, StoreError> {
+    let bad = config_problems(db, entries).await?;
+    if !bad.is_empty() {
+        return Err(StoreError::Invalid(bad));
+    }
+    let entries = serde_json::to_value(entries).expect("config subscribers serialize");
+    let rows = db
+        .query(
+            "SELECT entry, subscriber_id, change FROM thorn.sync_config_subscribers($1)",
+            &[&entries],
+        )
+        .await
+        .map_err(rejected)?;
+    rows.iter()
+        .map(|r| {
+            Ok(Synced {
+                name: r.try_get(0)?,
+                id: r.try_get(1)?,
+                change: r.try_get(2)?,
+            })
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(StoreError::Db)
+}
+
+/// Every problem of the config's subscribers, by `subscribers.<name>.<field>`.
+pub async fn config_problems(
+    db: &impl GenericClient,
+    entries: &BTreeMap<String, ConfigSubscriber>,
+) -> Result<FieldErrors, tokio_postgres::Error> {
+    let mut bad = FieldErrors::new();
+    for (name, entry) in entries {
+        let wanted = Changes {
+            event: Some(entry.event.clone()),
+            url: Some(entry.url.clone()),
+            hmac_secret: entry.hmac_secret.as_ref().map(|s| Secret(s.0.clone())),
+            hmac_digest: entry.hmac_digest.clone(),
+            content_type: entry.content_type.clone(),
+            hmac_signer: entry.hmac_signer.clone(),
+            ..Changes::default()
+        };
+        for (field, messages) in problems(db, None, &wanted).await? {
+            bad.insert(format!("subscribers.{name}.{field}"), messages);
+        }
+    }
+    Ok(bad)
 }

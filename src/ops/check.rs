@@ -176,11 +176,15 @@ pub enum Reachable {
     Yes {
         schema: i32,
         latest: i32,
+        /// What the database finds wrong with the config's `[subscribers]`
+        /// (it is the one judge of a valid subscriber).
+        subscribers: Vec<Problem>,
     },
     No(String),
 }
 
-/// Connects once (bounded by `within`) and reads the schema version.
+/// Connects once (bounded by `within`), reads the schema version and, once
+/// the schema can judge them (version 3), checks the config's subscribers.
 pub async fn database(config: &Config, within: Duration) -> Reachable {
     let attempt = async {
         let client = crate::db::connect(&config.database_url.0)
@@ -189,12 +193,25 @@ pub async fn database(config: &Config, within: Duration) -> Reachable {
         let schema = crate::db::migrate::current_version(&client)
             .await
             .map_err(|e| chain(&e))?;
-        Ok::<_, String>(schema)
+        let mut subscribers = Vec::new();
+        if let (Some(entries), true) = (&config.subscribers, schema >= 3) {
+            let found = crate::db::subscribers::config_problems(&client, entries)
+                .await
+                .map_err(|e| chain(&e))?;
+            for (key, messages) in found {
+                subscribers.extend(messages.into_iter().map(|message| Problem {
+                    key: key.clone(),
+                    message,
+                }));
+            }
+        }
+        Ok::<_, String>((schema, subscribers))
     };
     match tokio::time::timeout(within, attempt).await {
-        Ok(Ok(schema)) => Reachable::Yes {
+        Ok(Ok((schema, subscribers))) => Reachable::Yes {
             schema,
             latest: crate::db::migrate::latest(),
+            subscribers,
         },
         Ok(Err(e)) => Reachable::No(e),
         Err(_) => Reachable::No(format!(

@@ -2,9 +2,11 @@
 //! are read and checked again; a bad config is refused as a whole (every
 //! problem is logged) and the daemon keeps the one it runs with.
 //!
-//! Applied at run time: `log.level` (unless `RUST_LOG` is set) and
+//! Applied at run time: `log.level` (unless `RUST_LOG` is set),
 //! `metrics.listen` (the endpoint moves; if the new address cannot be bound
-//! the old endpoint stays). Any other changed key is named in a warning and
+//! the old endpoint stays) and `[subscribers]` (written to the database; if
+//! that fails, the database keeps the previous ones and the next reload
+//! tries again). Any other changed key is named in a warning and
 //! takes effect at the next restart: the connection string, the HTTP client
 //! and the delivery policy are built once, at start.
 
@@ -23,7 +25,7 @@ use crate::config::Config;
 pub type Reload = Result<Config, Vec<String>>;
 
 /// The keys applied without a restart.
-pub const RELOADABLE: &[&str] = &["log.level", "metrics.listen"];
+pub const RELOADABLE: &[&str] = &["log.level", "metrics.listen", "subscribers"];
 
 /// Calls `load` on every SIGHUP and sends its result.
 pub fn on_sighup<F>(load: F) -> std::io::Result<mpsc::Receiver<Reload>>
@@ -134,12 +136,37 @@ impl Reloader {
                 }
             }
         }
+        if new.subscribers != self.current.subscribers {
+            match self.sync_subscribers(&new).await {
+                Ok(()) => {
+                    applied.push("subscribers");
+                    self.current.subscribers = new.subscribers.clone();
+                }
+                Err(error) => {
+                    ok = false;
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "subscribers: the database keeps the previous ones"
+                    );
+                }
+            }
+        }
         let later = needs_restart(&self.current, &new);
         if !later.is_empty() {
             tracing::warn!(keys = ?later, "changed, but only applied by a restart");
         }
         tracing::info!(applied = ?applied, "config reloaded");
         (applied, ok)
+    }
+}
+
+impl Reloader {
+    /// Through a connection of its own: reloads are rare, and the
+    /// daemon's tasks each own theirs. The running connection string, not
+    /// the new one, which only a restart applies.
+    async fn sync_subscribers(&self, new: &Config) -> anyhow::Result<()> {
+        let client = crate::db::connect(&self.current.database_url.0).await?;
+        crate::daemon::sync_config_subscribers(&client, new).await
     }
 }
 

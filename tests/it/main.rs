@@ -4,6 +4,7 @@
 mod api;
 mod capture;
 mod cli;
+mod config_subscribers;
 mod consumers;
 mod delivery;
 mod hostile;

@@ -39,6 +39,11 @@ impl Process {
         Process { child, dir }
     }
 
+    /// Replaces the config file (for a SIGHUP to read).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self.dir.join("thorn.toml"), config).expect("config file");
+    }
+
     pub fn pid(&self) -> i32 {
         self.child
             .id()

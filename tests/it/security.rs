@@ -8,7 +8,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
 
 use crate::support::{
-    read_request, subscribe, wait_ended, Daemon, RawServer, Receiver, TestDb, QUIET, WAIT,
+    eventually, read_request, subscribe, wait_ended, Daemon, RawServer, Receiver, TestDb, QUIET,
+    WAIT,
 };
 
 async fn article_table(db: &Client) {
@@ -752,7 +753,26 @@ async fn least_privilege_daemon_and_application_roles() {
 
         let mut config = t.config();
         config.database_url.0 = url_as(&t.url, &daemon_role);
+        // It may write its config's subscribers (and, below, no others).
+        config.subscribers = Some(std::collections::BTreeMap::from([(
+            "ops".to_owned(),
+            thorn::config::ConfigSubscriber {
+                event: "nothing.matches".into(),
+                url: rx.url("/ops"),
+                owner: None,
+                hmac_secret: None,
+                hmac_digest: None,
+                content_type: None,
+                hmac_signer: None,
+                ordered: None,
+            },
+        )]));
         let daemon = Daemon::start(config);
+        eventually(
+            &admin,
+            "SELECT count(*) = 1 FROM thorn.subscriber WHERE config_name = 'ops'",
+        )
+        .await;
         app.batch_execute(
             "INSERT INTO article (title) VALUES ('a');
              UPDATE article SET title = 'b';

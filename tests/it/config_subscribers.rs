@@ -1,0 +1,301 @@
+//! Subscribers kept in the daemon's config (`[subscribers.<name>]`):
+//! written at start, delivered to and signed like any other, changed only
+//! through the config, followed on restart and on SIGHUP, and refused as a
+//! whole, naming the field, when one is bad.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use thorn::config::Config;
+use tokio_postgres::Client;
+
+use crate::process::Process;
+use crate::support::{
+    api_config, article_table, eventually, python_sign, token_with, ApiServer, Daemon, Receiver,
+    TestDb, QUIET, WAIT,
+};
+
+/// `base` with one `[subscribers.<name>]` table per (name, body) appended.
+fn with_subscribers(base: &str, tables: &[(&str, String)]) -> String {
+    let mut text = base.to_owned();
+    for (name, body) in tables {
+        text.push_str(&format!("\n[subscribers.{name}]\n{body}\n"));
+    }
+    text
+}
+
+fn load(text: &str) -> Config {
+    Config::load(Some(text), &HashMap::new()).expect("config")
+}
+
+/// The config-made rows as (name, url, active), by name.
+async fn config_rows(db: &Client) -> Vec<(String, String, bool)> {
+    db.query(
+        "SELECT config_name, url, active FROM thorn.subscriber
+         WHERE config_name IS NOT NULL ORDER BY config_name",
+        &[],
+    )
+    .await
+    .expect("config rows")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// The database's refusal of `sql`, as its message.
+async fn refusal(db: &Client, sql: &str) -> String {
+    let error = db.batch_execute(sql).await.expect_err(sql);
+    error
+        .as_db_error()
+        .expect("a database error")
+        .message()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_them() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut audit = Receiver::start().await;
+    let mut crm = Receiver::start().await;
+    let first = with_subscribers(
+        &t.config_text(),
+        &[
+            (
+                "audit",
+                format!(
+                    "event = \"article.*\"\nurl = \"{}\"\nhmac_secret = \"audit-secret\"\nhmac_digest = \"SHA512\"",
+                    audit.url("/a")
+                ),
+            ),
+            (
+                "crm",
+                format!("event = \"article.created\"\nurl = \"{}\"", crm.url("/c")),
+            ),
+        ],
+    );
+    let daemon = Daemon::start(load(&first));
+    eventually(
+        &db,
+        "SELECT count(*) = 2 FROM thorn.subscriber WHERE config_name IS NOT NULL",
+    )
+    .await;
+    db.batch_execute("INSERT INTO article (title) VALUES ('one')")
+        .await
+        .expect("insert");
+    let to_audit = audit.expect(1, WAIT, QUIET).await;
+    let to_crm = crm.expect(1, WAIT, QUIET).await;
+    let crm_secret: String = db
+        .query_one(
+            "SELECT hmac_secret FROM thorn.subscriber WHERE config_name = 'crm'",
+            &[],
+        )
+        .await
+        .expect("crm row")
+        .get(0);
+    assert_eq!(crm_secret.len(), 64, "an absent secret is generated");
+    let expected = python_sign(&[
+        ("sha512", "audit-secret", &to_audit[0].body),
+        ("sha256", &crm_secret, &to_crm[0].body),
+    ]);
+    assert_eq!(to_audit[0].header("hook-hmac"), expected[0]);
+    assert_eq!(to_crm[0].header("hook-hmac"), expected[1]);
+    assert_eq!(to_crm[0].header("hook-event"), "article.created");
+
+    // SQL may switch one off, and nothing else.
+    for sql in [
+        "UPDATE thorn.subscriber SET url = 'http://127.0.0.1:9/x' WHERE config_name = 'audit'",
+        "UPDATE thorn.subscriber SET hmac_secret = 'another-secret' WHERE config_name = 'audit'",
+        "UPDATE thorn.subscriber SET config_name = NULL WHERE config_name = 'audit'",
+        "DELETE FROM thorn.subscriber WHERE config_name = 'audit'",
+    ] {
+        let message = refusal(&db, sql).await;
+        assert!(message.contains("[subscribers.audit]"), "{sql}: {message}");
+    }
+    let message = refusal(
+        &db,
+        "INSERT INTO thorn.subscriber (event, url, config_name) VALUES ('a', 'http://h/', 'forged')",
+    )
+    .await;
+    assert!(message.contains("[subscribers.forged]"), "{message}");
+    db.batch_execute(
+        "UPDATE thorn.subscriber SET hmac_digest = 'SHA512' WHERE config_name = 'audit';
+         UPDATE thorn.subscriber SET active = false, deactivated_reason = 'by hand'
+         WHERE config_name = 'audit'",
+    )
+    .await
+    .expect("repeating a value and switching off are allowed");
+
+    // So may the API: changes and deletion are a 409 naming the table.
+    let api = ApiServer::start(&api_config(&t)).await;
+    let http = reqwest::Client::new();
+    let admin = token_with("root", serde_json::json!({"admin": true}));
+    let id: uuid::Uuid = db
+        .query_one(
+            "SELECT id FROM thorn.subscriber WHERE config_name = 'crm'",
+            &[],
+        )
+        .await
+        .expect("crm id")
+        .get(0);
+    let path = api.url(&format!("/hooks/{id}/"));
+    let shown: Value = http
+        .get(&path)
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(shown["config_name"], "crm", "{shown}");
+    let patched = http
+        .patch(&path)
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"url": "http://127.0.0.1:9/elsewhere"}))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(patched.status(), StatusCode::CONFLICT);
+    let body: Value = patched.json().await.expect("JSON");
+    assert_eq!(body["error"], "from_config", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("[subscribers.crm]"),
+        "{body}"
+    );
+    let deleted = http
+        .delete(&path)
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(deleted.status(), StatusCode::CONFLICT);
+    let off = http
+        .patch(&path)
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"active": false}))
+        .send()
+        .await
+        .expect("PATCH active");
+    assert_eq!(off.status(), StatusCode::OK, "switching off is allowed");
+    daemon.stop().await;
+
+    // A restart with crm removed and audit moved: crm goes with its
+    // deliveries, and the switched-off audit is on again at its new URL.
+    let second = with_subscribers(
+        &t.config_text(),
+        &[(
+            "audit",
+            format!(
+                "event = \"article.*\"\nurl = \"{}\"\nhmac_secret = \"audit-secret\"\nhmac_digest = \"sha512\"",
+                audit.url("/moved")
+            ),
+        )],
+    );
+    let daemon = Daemon::start(load(&second));
+    eventually(
+        &db,
+        "SELECT count(*) = 1 AND bool_and(active AND url LIKE '%/moved' AND deactivated_reason IS NULL)
+         FROM thorn.subscriber WHERE config_name IS NOT NULL",
+    )
+    .await;
+    let orphans: i64 = db
+        .query_one(
+            "SELECT count(*) FROM thorn.delivery d
+             WHERE NOT EXISTS (SELECT FROM thorn.subscriber s WHERE s.id = d.subscriber_id)",
+            &[],
+        )
+        .await
+        .expect("orphans")
+        .get(0);
+    assert_eq!(orphans, 0);
+    db.batch_execute("INSERT INTO article (title) VALUES ('two')")
+        .await
+        .expect("insert");
+    let moved = audit.expect(1, WAIT, QUIET).await;
+    assert_eq!(moved[0].path, "/moved");
+    assert!(crm.next(QUIET).await.is_none(), "crm was removed");
+    daemon.stop().await;
+
+    // A daemon whose config has no [subscribers] table leaves them be.
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO article (title) VALUES ('three')")
+        .await
+        .expect("insert");
+    audit.expect(1, WAIT, QUIET).await;
+    assert_eq!(config_rows(&db).await.len(), 1);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let rx = Receiver::start().await;
+    fn one<'a>(name: &'a str, url: &str) -> (&'a str, String) {
+        (name, format!("event = \"article.*\"\nurl = \"{url}\""))
+    }
+    let mut daemon = Process::run(&with_subscribers(
+        &t.config_text(),
+        &[one("a", &rx.url("/a"))],
+    ));
+    eventually(
+        &db,
+        "SELECT count(*) = 1 FROM thorn.subscriber WHERE config_name = 'a'",
+    )
+    .await;
+
+    daemon.rewrite_config(&with_subscribers(
+        &t.config_text(),
+        &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
+    ));
+    daemon.signal("HUP");
+    eventually(
+        &db,
+        "SELECT count(*) = 2 AND bool_and(url NOT LIKE '%/a') FROM thorn.subscriber
+         WHERE config_name IS NOT NULL",
+    )
+    .await;
+    let before = config_rows(&db).await;
+
+    // One bad entry: nothing is written, every bad field is named.
+    daemon.rewrite_config(&with_subscribers(
+        &t.config_text(),
+        &[
+            one("a", &rx.url("/a3")),
+            ("b", "event = \"a..b\"\nurl = \"ftp://h/\"".to_owned()),
+        ],
+    ));
+    daemon.signal("HUP");
+    daemon
+        .wait_for_log("subscribers.b.url", Duration::from_secs(20))
+        .await;
+    let log = daemon.log();
+    assert!(log.contains("subscribers.b.event"), "{log}");
+    assert_eq!(config_rows(&db).await, before);
+    daemon.stop_cleanly(WAIT).await;
+
+    // A bad entry at start: the daemon does not start, and
+    // `check-config --database` finds it beforehand.
+    let bad = with_subscribers(
+        &t.config_text(),
+        &[("b", "event = \"x\"\nurl = \"not a url\"".to_owned())],
+    );
+    for args in [&["run"][..], &["check-config", "--database", "require"]] {
+        let mut refused = Process::spawn(&bad, args);
+        let status = refused.wait(WAIT).await;
+        assert_eq!(status.code(), Some(64), "{args:?}: {}", refused.log());
+        assert!(
+            refused.log().contains("subscribers.b.url"),
+            "{args:?}: {}",
+            refused.log()
+        );
+    }
+    assert_eq!(config_rows(&db).await, before);
+}
