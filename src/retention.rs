@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::{Client, GenericClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Retention;
@@ -34,7 +34,7 @@ pub async fn run(url: String, settings: Retention, shutdown: CancellationToken) 
         if client.is_none() {
             client = db::connect(&url).await.ok();
         }
-        let Some(c) = &client else { continue };
+        let Some(c) = &mut client else { continue };
         match prune(c, &settings, &shutdown).await {
             Ok(p) if p != Pruned::default() => tracing::info!(?p, "pruned old rows"),
             Ok(_) => {}
@@ -50,7 +50,7 @@ pub async fn run(url: String, settings: Retention, shutdown: CancellationToken) 
 /// `stop` (a pass over a large backlog of old rows takes a while, and
 /// shutdown must not wait for it; the next pass goes on from there).
 pub async fn prune(
-    db: &impl GenericClient,
+    db: &mut Client,
     settings: &Retention,
     stop: &CancellationToken,
 ) -> Result<Pruned, tokio_postgres::Error> {
@@ -80,23 +80,7 @@ pub async fn prune(
         stop,
     )
     .await?;
-    // An event goes once no delivery refers to it; a dead delivery keeps its
-    // event (for `thorn retry`) until the dead one is pruned. Those kept are
-    // the oldest, so without the cursor every batch would read them again.
-    let events = repeat(
-        db,
-        "DELETE FROM thorn.event WHERE id IN (
-             SELECT e.id FROM thorn.event e
-             WHERE e.dispatched_at < now() - $1::float8 * interval '1 second'
-               AND e.dispatched_at >= $3
-               AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)
-             ORDER BY e.dispatched_at
-             LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING dispatched_at",
-        settings.delivered,
-        stop,
-    )
-    .await?;
+    let events = prune_events(db, settings.delivered, stop).await?;
     Ok(Pruned {
         delivered,
         dead,
@@ -126,6 +110,60 @@ async fn repeat(
         for row in &rows {
             from = from.max(row.try_get(0)?);
         }
+        if rows.len() < BATCH as usize {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Deletes events dispatched before `age` that no delivery refers to any
+/// more; a dead delivery keeps its event (for `thorn retry`) until the
+/// dead one is pruned. Those kept are the oldest, so batches go on from a
+/// cursor as in [`repeat`].
+///
+/// Each batch locks its events first and deletes them in a second
+/// statement that looks for deliveries again, under a newer snapshot. In
+/// one statement, a delivery that `thorn replay` committed after the
+/// statement's snapshot was not seen, and the cascade deleted it with its
+/// event. Now a delivery committed before the lock is seen by the second
+/// look, and one inserted after it waits on the lock (its foreign key
+/// check) and then fails, so `replay` reports it instead of losing it.
+async fn prune_events(
+    db: &mut Client,
+    age: Duration,
+    stop: &CancellationToken,
+) -> Result<u64, tokio_postgres::Error> {
+    let lock = db
+        .prepare(
+            "SELECT e.id, e.dispatched_at FROM thorn.event e
+             WHERE e.dispatched_at < now() - $1::float8 * interval '1 second'
+               AND e.dispatched_at >= $3
+               AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)
+             ORDER BY e.dispatched_at
+             LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .await?;
+    let delete = db
+        .prepare(
+            "DELETE FROM thorn.event e WHERE e.id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)",
+        )
+        .await?;
+    let mut total = 0;
+    let mut from = SystemTime::UNIX_EPOCH;
+    while !stop.is_cancelled() {
+        let tx = db.transaction().await?;
+        let rows = tx
+            .query(&lock, &[&age.as_secs_f64(), &BATCH, &from])
+            .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            ids.push(row.try_get::<_, i64>(0)?);
+            from = from.max(row.try_get(1)?);
+        }
+        total += tx.execute(&delete, &[&ids]).await?;
+        tx.commit().await?;
         if rows.len() < BATCH as usize {
             break;
         }

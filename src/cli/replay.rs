@@ -63,6 +63,10 @@ pub enum ReplayError {
         .0.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
     )]
     UnknownEvents(Vec<i64>),
+    /// Retention deleted a selected event between the selection and the
+    /// insert (the insert's foreign key check waited for it).
+    #[error("an event was pruned by retention while being replayed; nothing was replayed")]
+    PrunedMeanwhile,
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -126,7 +130,13 @@ pub async fn replay(
              RETURNING id",
             &[&subscriber, &ids, &events.from, &events.to],
         )
-        .await?
+        .await
+        .map_err(|error| match error.code() {
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+                ReplayError::PrunedMeanwhile
+            }
+            _ => ReplayError::Db(error),
+        })?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<Vec<Uuid>, _>>()?;

@@ -237,7 +237,7 @@ async fn ordered_subscribers_get_one_at_a_time_in_event_order() {
 #[tokio::test]
 async fn retention_prunes_old_rows_and_keeps_pending_ones() {
     let t = TestDb::new().await;
-    let db = t.client().await;
+    let mut db = t.client().await;
     item_table(&db).await;
     let rx = Receiver::start().await;
     rx.respond_with(&[500, 500, 500]);
@@ -280,17 +280,17 @@ async fn retention_prunes_old_rows_and_keeps_pending_ones() {
     // deletes nothing.
     let stopped = tokio_util::sync::CancellationToken::new();
     stopped.cancel();
-    let pruned = thorn::retention::prune(&db, &settings, &stopped)
+    let pruned = thorn::retention::prune(&mut db, &settings, &stopped)
         .await
         .expect("prune");
     assert_eq!((pruned.delivered, pruned.dead, pruned.events), (0, 0, 0));
     let go_on = tokio_util::sync::CancellationToken::new();
-    let pruned = thorn::retention::prune(&db, &settings, &go_on)
+    let pruned = thorn::retention::prune(&mut db, &settings, &go_on)
         .await
         .expect("prune");
     assert_eq!((pruned.delivered, pruned.dead, pruned.events), (2, 0, 2));
     settings.dead = Duration::from_millis(10);
-    let pruned = thorn::retention::prune(&db, &settings, &go_on)
+    let pruned = thorn::retention::prune(&mut db, &settings, &go_on)
         .await
         .expect("prune");
     assert_eq!((pruned.delivered, pruned.dead, pruned.events), (0, 1, 1));
@@ -303,6 +303,59 @@ async fn retention_prunes_old_rows_and_keeps_pending_ones() {
         .map(|r| (r.get(0), r.get(1)))
         .expect("counts");
     assert_eq!(left, (1, 1), "the pending delivery and its event stay");
+}
+
+/// Retention locks an event batch before it deletes it; a replay of one of
+/// those events meanwhile waits on the lock (its foreign key check), then
+/// fails as a whole, instead of leaving a delivery for the cascade to
+/// delete unseen.
+#[tokio::test]
+async fn a_replay_of_an_event_being_pruned_fails_and_says_so() {
+    let t = TestDb::new().await;
+    let mut pruner = t.client().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let sub = subscribe(&db, "nothing.*", "http://127.0.0.1:9/", None, "secret").await;
+    db.batch_execute(
+        "INSERT INTO item (n) VALUES (1);
+         UPDATE thorn.event SET dispatched_at = now() - interval '1 day'",
+    )
+    .await
+    .expect("an old dispatched event");
+    let id: i64 = db
+        .query_one("SELECT id FROM thorn.event", &[])
+        .await
+        .expect("event")
+        .get(0);
+
+    // What a retention batch does: lock, then delete what nothing refers to.
+    let tx = pruner.transaction().await.expect("begin");
+    tx.execute("SELECT 1 FROM thorn.event WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .expect("lock");
+    let events = thorn::cli::replay::Events {
+        ids: vec![id],
+        ..Default::default()
+    };
+    let replay = tokio::spawn(async move {
+        thorn::cli::replay::replay(&db, sub, &events)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!replay.is_finished(), "the replay waits for the lock");
+    let deleted = tx
+        .execute(
+            "DELETE FROM thorn.event e WHERE e.id = $1
+               AND NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.event_id = e.id)",
+            &[&id],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+    tx.commit().await.expect("commit");
+    let error = replay.await.expect("task").expect_err("the event is gone");
+    assert!(error.contains("pruned by retention"), "{error}");
 }
 
 /// Runs a one-shot `thorn` command against `t`; returns its stdout.
