@@ -107,7 +107,7 @@ impl ApiError {
         )
     }
 
-    fn unavailable(message: &str) -> ApiError {
+    pub fn unavailable(message: &str) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 }

@@ -147,12 +147,12 @@ fn parse_body(
 /// for the fields that parsed, then the address guard for a valid URL.
 async fn validate(
     api: &Api,
+    db: &tokio_postgres::Client,
     base: Option<&Subscription>,
     changes: &Changes,
     mut errors: FieldErrors,
 ) -> Result<(), ApiError> {
-    let db = api.db().await?;
-    let found = subscribers::problems(&*db, base, changes).await?;
+    let found = subscribers::problems(db, base, changes).await?;
     for (field, messages) in found {
         // A field already reported as missing or mistyped was not sent.
         errors.entry(field).or_insert(messages);
@@ -186,9 +186,9 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let caller = api.auth.caller(&headers)?;
     let (changes, errors) = parse_body(&body, Mode::Create, &caller)?;
-    validate(&api, None, &changes, errors).await?;
     let db = api.db().await?;
-    let row = subscribers::insert(&*db, &changes).await?;
+    validate(&api, &db, None, &changes, errors).await?;
+    let row = subscribers::insert(&**db, &changes).await?;
     tracing::info!(subscriber = %row.id, owner = ?row.owner, event = %row.event, "subscribed through the API");
     let location = format!("/hooks/{}/", row.id);
     Ok((
@@ -202,7 +202,7 @@ pub async fn create(
 pub async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let caller = api.auth.caller(&headers)?;
     let db = api.db().await?;
-    let rows = subscribers::list(&*db, caller.scope()).await?;
+    let rows = subscribers::list(&**db, caller.scope()).await?;
     let views: Vec<View> = rows.into_iter().map(|r| view(&api, &headers, r)).collect();
     Ok(Json(views).into_response())
 }
@@ -215,7 +215,7 @@ pub async fn show(
     let caller = api.auth.caller(&headers)?;
     let id = parse_id(&id)?;
     let db = api.db().await?;
-    let row = subscribers::get(&*db, id, caller.scope())
+    let row = subscribers::get(&**db, id, caller.scope())
         .await?
         .ok_or_else(ApiError::not_found)?;
     Ok(Json(view(&api, &headers, row)).into_response())
@@ -232,12 +232,12 @@ async fn change(
     let id = parse_id(id)?;
     let db = api.db().await?;
     // Existence first: another owner's id is a 404 even with a bad body.
-    let current = subscribers::get(&*db, id, caller.scope())
+    let current = subscribers::get(&**db, id, caller.scope())
         .await?
         .ok_or_else(ApiError::not_found)?;
     let (changes, errors) = parse_body(body, mode, &caller)?;
-    validate(api, Some(&current), &changes, errors).await?;
-    let row = subscribers::update(&*db, id, caller.scope(), &changes)
+    validate(api, &db, Some(&current), &changes, errors).await?;
+    let row = subscribers::update(&**db, id, caller.scope(), &changes)
         .await?
         .ok_or_else(ApiError::not_found)?;
     Ok(Json(view(api, headers, row)).into_response())
@@ -269,7 +269,7 @@ pub async fn remove(
     let caller = api.auth.caller(&headers)?;
     let id = parse_id(&id)?;
     let db = api.db().await?;
-    if !subscribers::delete(&*db, id, caller.scope()).await? {
+    if !subscribers::delete(&**db, id, caller.scope()).await? {
         return Err(ApiError::not_found());
     }
     tracing::info!(subscriber = %id, "unsubscribed through the API");

@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
-use tokio_postgres::Client;
+use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -32,21 +34,26 @@ use errors::ApiError;
 /// (the guard checks it again on every delivery).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The API session's `lock_timeout` and `statement_timeout`: its requests
-/// share one connection, so none may hold it for long.
+/// The API sessions' `lock_timeout` and `statement_timeout`: a request
+/// holds one of a few connections, so none may hold it for long.
 const LOCK_TIMEOUT: &str = "2s";
 const STATEMENT_TIMEOUT: &str = "10s";
+
+/// Database connections the API's requests share. A request holds one for
+/// its statements, so one kept waiting (a row locked elsewhere, a slow
+/// server) holds up only itself; requests beyond this many wait for one.
+const POOL_SIZE: usize = 4;
+
+/// How long a request waits for a free connection (503 after that), and
+/// for a new one to connect.
+const POOL_WAIT: Duration = Duration::from_secs(2);
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// What the handlers share.
 pub struct Api {
     auth: Auth,
-    url: String,
-    /// One connection, shared: tokio-postgres pipelines concurrent queries,
-    /// and every API operation is a single statement. Replaced when closed.
-    /// A statement waits at most [`LOCK_TIMEOUT`] for a row lock (a 503
-    /// then), so a row locked elsewhere holds the others up that long at
-    /// most.
-    client: Mutex<Option<Arc<Client>>>,
+    /// Connected on demand; a closed connection is replaced.
+    pool: Pool,
     http: HttpClient,
     guard: Guard,
     public_url: Option<String>,
@@ -54,31 +61,49 @@ pub struct Api {
 
 impl Api {
     pub fn from_config(config: &Config) -> anyhow::Result<Api> {
+        let mut db = crate::db::parse_url(&config.database_url.0)?;
+        // Set at connection start: no statement per new connection.
+        let timeouts =
+            format!("-c lock_timeout={LOCK_TIMEOUT} -c statement_timeout={STATEMENT_TIMEOUT}");
+        let options = match db.get_options() {
+            Some(theirs) => format!("{theirs} {timeouts}"),
+            None => timeouts,
+        };
+        db.options(&options);
+        let manager = Manager::from_config(
+            db,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_WAIT))
+            .runtime(Runtime::Tokio1)
+            .build()?;
         Ok(Api {
             auth: Auth::from_config(&config.api)?,
-            url: config.database_url.0.clone(),
-            client: Mutex::new(None),
+            pool,
             http: HttpClient::new(config)?,
             guard: Guard::new(config.security.allowed.clone()),
             public_url: config.api.public_url.clone(),
         })
     }
 
-    /// The shared connection, (re)connected when needed.
-    async fn db(&self) -> Result<Arc<Client>, ApiError> {
-        let mut slot = self.client.lock().await;
-        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
-        }
-        let client = crate::db::connect(&self.url).await?;
-        client
-            .batch_execute(&format!(
-                "SET lock_timeout = '{LOCK_TIMEOUT}'; SET statement_timeout = '{STATEMENT_TIMEOUT}'"
-            ))
-            .await?;
-        let client = Arc::new(client);
-        *slot = Some(client.clone());
-        Ok(client)
+    /// A connection of the pool, for one request: `&**db` is the client.
+    async fn db(&self) -> Result<Object, ApiError> {
+        self.pool.get().await.map_err(|error| match error {
+            PoolError::Backend(error) => ApiError::from(error),
+            PoolError::Timeout(TimeoutType::Wait) => {
+                ApiError::unavailable("every database connection of the API is busy; try again")
+            }
+            PoolError::Timeout(_) => {
+                ApiError::unavailable("the database cannot be reached; try again")
+            }
+            other => ApiError::internal(&other),
+        })
     }
 
     /// The delivery client's URL rules (scheme, port, literal addresses),

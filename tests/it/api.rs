@@ -687,3 +687,54 @@ async fn a_row_locked_elsewhere_is_a_503_and_holds_nobody_up() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+/// Each request holds a connection of its own: one waiting on a row locked
+/// elsewhere does not hold up another user's request behind it (with one
+/// shared connection, a GET waited for the PATCH's lock timeout).
+#[tokio::test]
+async fn a_request_waiting_on_a_lock_does_not_hold_up_others() {
+    let t = TestDb::new().await;
+    let config = api_config(&t);
+    let api = Call::new(&config).await;
+    let (status, created) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": "article.*", "url": "http://127.0.0.1:9/a"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
+    let mut db = t.client().await;
+    let lock = db.transaction().await.expect("begin");
+    lock.execute("SELECT 1 FROM thorn.subscriber FOR UPDATE", &[])
+        .await
+        .expect("row lock");
+    let patching = {
+        let http = reqwest::Client::new();
+        let url = api.server.url(&path);
+        tokio::spawn(async move {
+            http.patch(url)
+                .bearer_auth(token("alice"))
+                .json(&json!({"event": "article.created"}))
+                .send()
+                .await
+                .expect("PATCH")
+                .status()
+        })
+    };
+    // Let the PATCH reach its UPDATE, which waits for the lock (2 s).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = api.send(Method::GET, "/hooks/", Some("bob"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        !patching.is_finished(),
+        "the GET was answered while the PATCH still waited"
+    );
+    assert_eq!(
+        patching.await.expect("task"),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    lock.commit().await.expect("commit");
+}
