@@ -8,40 +8,62 @@
 -- any other way have NULL there.
 --
 -- The config is the one place to change them: outside the sync, inserting
--- a row with a config_name, deleting one, or changing what the config sets
--- (everything but `active`) is refused, so that an edit through the API or
--- SQL is not silently undone at the next restart. Switching one off (by
--- hand, 410 Gone, auto-disable) is allowed and survives restarts; a sync
--- that changes its URL switches it on again.
+-- a row with a config_name or changing what the config sets (everything
+-- but `active`) is refused, so that an edit through the API or SQL is not
+-- silently undone at the next restart. Switching one off (by hand, 410
+-- Gone, auto-disable) is allowed and survives restarts; a sync that
+-- changes its URL switches it on again.
+--
+-- An entry removed from the config is switched off, not deleted: its row
+-- keeps its id, secret and deliveries (a daemon started with an older
+-- config must not destroy them), with the reason below. The entry coming
+-- back switches it on again; until then it may be deleted like any row.
 
 ALTER TABLE thorn.subscriber ADD COLUMN config_name text;
 ALTER TABLE thorn.subscriber ADD CONSTRAINT subscriber_config_name_key UNIQUE (config_name);
+
+CREATE FUNCTION thorn.config_removed_reason() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 'removed from thorn''s config'::text $$;
 
 CREATE FUNCTION thorn.subscriber_config_guard() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    name text := CASE TG_OP WHEN 'INSERT' THEN NEW.config_name ELSE OLD.config_name END;
-    touched boolean;
+    hint text;
 BEGIN
-    -- Set only while thorn.sync_config_subscribers runs (its SET clause).
-    IF current_setting('thorn.config_sync', true) = 'on' THEN
+    -- thorn.sync_config_subscribers sets the flag (its SET clause) and
+    -- runs as its owner; anyone else setting it changes nothing.
+    IF current_setting('thorn.config_sync', true) = 'on'
+       AND current_user = (SELECT pg_get_userbyid(p.proowner) FROM pg_proc p
+                           WHERE p.oid = 'thorn.sync_config_subscribers(jsonb)'::regprocedure) THEN
         RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
     END IF;
-    touched := CASE TG_OP
-        WHEN 'UPDATE' THEN (NEW.config_name, NEW.event, NEW.url, NEW.owner, NEW.hmac_secret,
-                            NEW.hmac_digest, NEW.content_type, NEW.hmac_signer, NEW.ordered)
-            IS DISTINCT FROM (OLD.config_name, OLD.event, OLD.url, OLD.owner, OLD.hmac_secret,
-                              OLD.hmac_digest, OLD.content_type, OLD.hmac_signer, OLD.ordered)
-        ELSE true END;
-    name := coalesce(name, NEW.config_name);
-    IF name IS NOT NULL AND touched THEN
+    IF TG_OP <> 'INSERT' AND OLD.config_name IS NOT NULL THEN
+        IF TG_OP = 'DELETE' THEN
+            IF NOT OLD.active AND OLD.deactivated_reason = thorn.config_removed_reason() THEN
+                RETURN OLD;
+            END IF;
+            hint := 'Remove it from the config first (SIGHUP or restart): that switches it off, and then it may be deleted.';
+        ELSIF (NEW.config_name, NEW.event, NEW.url, NEW.owner, NEW.hmac_secret, NEW.hmac_digest,
+               NEW.content_type, NEW.hmac_signer, NEW.ordered)
+              IS DISTINCT FROM (OLD.config_name, OLD.event, OLD.url, OLD.owner, OLD.hmac_secret,
+                                OLD.hmac_digest, OLD.content_type, OLD.hmac_signer, OLD.ordered) THEN
+            hint := 'Only active may be changed outside the config.';
+        ELSE
+            RETURN NEW;
+        END IF;
         RAISE EXCEPTION 'thorn.subscriber.config_name: subscriber % comes from thorn''s config ([subscribers.%]); change or remove it there',
-                coalesce(OLD.id, NEW.id), name
+                OLD.id, OLD.config_name
             USING ERRCODE = 'object_not_in_prerequisite_state', SCHEMA = 'thorn',
-                  TABLE = 'subscriber', COLUMN = 'config_name',
-                  HINT = 'Only active may be changed outside the config.';
+                  TABLE = 'subscriber', COLUMN = 'config_name', HINT = hint;
+    END IF;
+    IF TG_OP <> 'DELETE' AND NEW.config_name IS NOT NULL THEN
+        RAISE EXCEPTION 'thorn.subscriber.config_name: only thorn''s config makes subscribers with a config_name ([subscribers.%])',
+                NEW.config_name
+            USING ERRCODE = 'object_not_in_prerequisite_state', SCHEMA = 'thorn',
+                  TABLE = 'subscriber', COLUMN = 'config_name';
     END IF;
     RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
 END
@@ -75,18 +97,23 @@ $$;
 -- name → {event, url, owner, hmac_secret, hmac_digest, content_type,
 -- hmac_signer, ordered}; absent values take the column defaults, and an
 -- absent secret keeps the one the row has (or gets a random one). Rows of
--- names not in `entries` are deleted, with their deliveries. Returns each
--- row created, changed or removed.
+-- names not in `entries` are switched off with thorn.config_removed_reason()
+-- (see above). Returns each row created, changed, restored (back in the
+-- config) or removed.
 --
 -- SECURITY DEFINER so that a least-privilege daemon role (sql/roles.sql)
 -- can manage these rows and no others. Concurrent syncs (several daemons
--- starting) take turns on a transaction lock; the last one's config wins.
+-- starting) take turns on a transaction lock, and the last one's config
+-- wins: callers run it under READ COMMITTED, so each statement sees what
+-- the sync before it committed.
 CREATE FUNCTION thorn.sync_config_subscribers(entries jsonb)
 RETURNS TABLE (entry text, subscriber_id uuid, change text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET thorn.config_sync = 'on'
 AS $$
+DECLARE
+    removed CONSTANT text := thorn.config_removed_reason();
 BEGIN
     IF jsonb_typeof(entries) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'thorn.sync_config_subscribers: entries must be a JSON object of name → subscriber';
@@ -100,17 +127,24 @@ BEGIN
             hmac_secret = coalesce(w.hmac_secret, s.hmac_secret),
             hmac_digest = w.hmac_digest, content_type = w.content_type,
             hmac_signer = w.hmac_signer, ordered = w.ordered,
-            -- A new address is a fix for the one that failed.
-            active = s.active OR s.url IS DISTINCT FROM w.url
-        FROM thorn.config_entries(entries) AS w
-        WHERE s.config_name = w.name
-          AND (s.event, s.url, s.owner, s.hmac_secret, s.hmac_digest, s.content_type,
-               s.hmac_signer, s.ordered)
-              IS DISTINCT FROM (w.event, w.url, w.owner, coalesce(w.hmac_secret, s.hmac_secret),
-               w.hmac_digest, w.content_type, w.hmac_signer, w.ordered)
-        RETURNING s.config_name, s.id
+            -- Back in the config, or a new address (a fix for the one that
+            -- failed): switched on.
+            active = s.active OR o.was_removed OR s.url IS DISTINCT FROM w.url
+        FROM thorn.config_entries(entries) AS w,
+             -- The row as it was, for RETURNING (which sees the new one).
+             (SELECT b.id, NOT b.active AND b.deactivated_reason IS NOT DISTINCT FROM removed
+                     AS was_removed
+              FROM thorn.subscriber AS b WHERE b.config_name IS NOT NULL) AS o
+        WHERE s.config_name = w.name AND o.id = s.id
+          AND (o.was_removed
+               OR (s.event, s.url, s.owner, s.hmac_secret, s.hmac_digest, s.content_type,
+                   s.hmac_signer, s.ordered)
+                  IS DISTINCT FROM (w.event, w.url, w.owner, coalesce(w.hmac_secret, s.hmac_secret),
+                                    w.hmac_digest, w.content_type, w.hmac_signer, w.ordered))
+        RETURNING s.config_name, s.id, o.was_removed
     )
-    SELECT c.config_name, c.id, 'changed' FROM changed AS c;
+    SELECT c.config_name, c.id, CASE WHEN c.was_removed THEN 'restored' ELSE 'changed' END
+    FROM changed AS c;
 
     RETURN QUERY
     WITH created AS (
@@ -125,13 +159,14 @@ BEGIN
     SELECT c.config_name, c.id, 'created' FROM created AS c;
 
     RETURN QUERY
-    WITH removed AS (
-        DELETE FROM thorn.subscriber AS s
+    WITH switched_off AS (
+        UPDATE thorn.subscriber AS s SET active = false, deactivated_reason = removed
         WHERE s.config_name IS NOT NULL
+          AND (s.active OR s.deactivated_reason IS DISTINCT FROM removed)
           AND NOT EXISTS (SELECT FROM thorn.config_entries(entries) AS w WHERE w.name = s.config_name)
         RETURNING s.config_name, s.id
     )
-    SELECT r.config_name, r.id, 'removed' FROM removed AS r;
+    SELECT r.config_name, r.id, 'removed' FROM switched_off AS r;
 END
 $$;
 REVOKE ALL ON FUNCTION thorn.sync_config_subscribers(jsonb) FROM PUBLIC;

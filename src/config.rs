@@ -64,6 +64,8 @@ fn check_subscriber_name(name: &str) -> Result<(), String> {
         ))
     } else if !name.chars().all(allowed) || name.contains("__") {
         Err("a name may hold only a-z, 0-9, _ and -, and no double _".into())
+    } else if name.starts_with(['_', '-']) || name.ends_with(['_', '-']) {
+        Err("a name must start and end with a letter or a digit".into())
     } else {
         Ok(())
     }
@@ -914,6 +916,8 @@ mod tests {
         assert!(name.starts_with("subscribers: \"a b\""), "{name}");
         let upper = load("[subscribers.Audit]\nevent = \"x\"\nurl = \"http://h/\"");
         assert!(upper.starts_with("subscribers: \"Audit\""), "{upper}");
+        let edge = load("[subscribers.a_]\nevent = \"x\"\nurl = \"http://h/\"");
+        assert!(edge.contains("start and end"), "{edge}");
     }
 
     #[test]

@@ -60,25 +60,33 @@ pub async fn prepare_database(
         Ok(_) => {}
         Err(error) => tracing::debug!(%error, "cannot check partition trees"),
     }
-    sync_config_subscribers(&client, config).await?;
+    sync_config_subscribers(&mut client, config)
+        .await
+        .map_err(ConfigRefused::from_store)?;
     Ok(true)
 }
 
 /// Makes the subscribers of the config's `[subscribers]` table (if it has
-/// one) those in the database, and logs each one created, changed or
-/// removed. Called at start and on reload.
+/// one) those in the database, and logs each one created, changed,
+/// restored or switched off. Called at start and on reload.
 pub async fn sync_config_subscribers(
-    client: &tokio_postgres::Client,
+    client: &mut tokio_postgres::Client,
     config: &Config,
-) -> anyhow::Result<()> {
+) -> Result<(), subscribers::StoreError> {
     let Some(entries) = &config.subscribers else {
         return Ok(());
     };
-    let synced = subscribers::sync_config(client, entries)
-        .await
-        .context("writing the config's [subscribers] to the database")?;
+    let synced = subscribers::sync_config(client, entries).await?;
     for s in &synced {
-        tracing::info!(name = %s.name, id = %s.id, change = %s.change, "subscriber from the config");
+        if s.change == "removed" {
+            tracing::warn!(
+                name = %s.name, id = %s.id,
+                "subscriber removed from the config: switched off, kept with its deliveries; \
+                 delete it (thorn subscriber remove) once it is not coming back"
+            );
+        } else {
+            tracing::info!(name = %s.name, id = %s.id, change = %s.change, "subscriber from the config");
+        }
     }
     tracing::info!(
         configured = entries.len(),
@@ -86,6 +94,23 @@ pub async fn sync_config_subscribers(
         "subscribers from the config are in place"
     );
     Ok(())
+}
+
+/// The start failed on the config: its `[subscribers]` entries were
+/// refused by the database (`thorn run` exits 64 then, as for any bad
+/// config, which systemd does not restart).
+#[derive(Debug, thiserror::Error)]
+#[error("the config's [subscribers]: {0}")]
+pub struct ConfigRefused(subscribers::StoreError);
+
+impl ConfigRefused {
+    fn from_store(error: subscribers::StoreError) -> anyhow::Error {
+        match error {
+            subscribers::StoreError::Invalid(_) => ConfigRefused(error).into(),
+            other => anyhow::Error::new(other)
+                .context("writing the config's [subscribers] to the database"),
+        }
+    }
 }
 
 /// Runs the daemon until `shutdown` fires, then drains.

@@ -105,12 +105,9 @@ fn main() -> ExitCode {
             eprintln!("thorn: {error:#}");
             // A `[subscribers]` entry the database refuses is a bad config
             // too: exit 64, which systemd does not restart.
-            let bad_config = error.chain().any(|cause| {
-                matches!(
-                    cause.downcast_ref(),
-                    Some(thorn::db::subscribers::StoreError::Invalid(_))
-                )
-            });
+            let bad_config = error
+                .chain()
+                .any(|cause| cause.is::<thorn::daemon::ConfigRefused>());
             ExitCode::from(if bad_config { 64 } else { 1 })
         }
     }
@@ -217,6 +214,14 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
                 eprintln!("thorn: cannot start the runtime: {error}");
                 return ExitCode::FAILURE;
             }
+        }
+    }
+    if let (Some(entries), DatabaseCheck::Skip) = (&config.subscribers, database) {
+        if !entries.is_empty() {
+            println!(
+                "[subscribers]: {} entries, whose fields only the database checks (--database warn)",
+                entries.len()
+            );
         }
     }
     println!("config ok");

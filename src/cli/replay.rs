@@ -37,7 +37,8 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
         from: args.from,
         to: args.to,
     };
-    let created = replay(&super::connect(config).await?, args.subscriber, &selection).await?;
+    let mut db = super::connect(config).await?;
+    let created = replay(&mut db, args.subscriber, &selection).await?;
     if args.json {
         writeln!(out, "{}", serde_json::json!({"deliveries": created}))?;
     } else {
@@ -63,8 +64,9 @@ pub enum ReplayError {
         .0.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
     )]
     UnknownEvents(Vec<i64>),
-    /// Retention deleted a selected event between the selection and the
-    /// insert (the insert's foreign key check waited for it).
+    /// An event of a time range was deleted by retention while its
+    /// delivery was being written (the insert's foreign key check waited
+    /// for the deletion). Events asked for by id are locked first instead.
     #[error("an event was pruned by retention while being replayed; nothing was replayed")]
     PrunedMeanwhile,
     #[error(transparent)]
@@ -79,15 +81,19 @@ pub struct Events {
     pub to: Option<SystemTime>,
 }
 
-/// Queues one new delivery per selected event; returns their ids.
+/// Queues one new delivery per selected event; returns their ids. All or
+/// nothing: in one transaction, with the events asked for by id locked
+/// against retention before they are counted, and the subscriber against
+/// deletion (which then waits, and takes the new deliveries with it).
 pub async fn replay(
-    db: &Client,
+    db: &mut Client,
     subscriber: Uuid,
     events: &Events,
 ) -> Result<Vec<Uuid>, ReplayError> {
-    let active: Option<bool> = db
+    let tx = db.transaction().await?;
+    let active: Option<bool> = tx
         .query_opt(
-            "SELECT active FROM thorn.subscriber WHERE id = $1",
+            "SELECT active FROM thorn.subscriber WHERE id = $1 FOR KEY SHARE",
             &[&subscriber],
         )
         .await?
@@ -100,13 +106,17 @@ pub async fn replay(
     }
     let ids: Option<&[i64]> = (!events.ids.is_empty()).then_some(&events.ids[..]);
     // Every id asked for must be there, or nothing is replayed: a typo
-    // must not look like a success.
+    // must not look like a success. The lock keeps them there until the
+    // insert (retention skips locked events).
     if let Some(ids) = ids {
-        let missing: Vec<i64> = db
+        let missing: Vec<i64> = tx
             .query(
-                "SELECT i FROM unnest($1::int8[]) AS i
-                 WHERE NOT EXISTS (SELECT 1 FROM thorn.event e
-                                   WHERE e.id = i AND e.dispatched_at IS NOT NULL)
+                "WITH present AS (
+                     SELECT e.id FROM thorn.event e
+                     WHERE e.id = ANY($1) AND e.dispatched_at IS NOT NULL
+                     FOR KEY SHARE)
+                 SELECT i FROM unnest($1::int8[]) AS i
+                 WHERE i NOT IN (SELECT id FROM present)
                  ORDER BY i",
                 &[&ids],
             )
@@ -118,7 +128,7 @@ pub async fn replay(
             return Err(ReplayError::UnknownEvents(missing));
         }
     }
-    let created = db
+    let created = tx
         .query(
             "INSERT INTO thorn.delivery (id, event_id, subscriber_id)
              SELECT gen_random_uuid(), e.id, $1 FROM thorn.event e
@@ -131,15 +141,16 @@ pub async fn replay(
             &[&subscriber, &ids, &events.from, &events.to],
         )
         .await
-        .map_err(|error| match error.code() {
-            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
-                ReplayError::PrunedMeanwhile
-            }
-            _ => ReplayError::Db(error),
-        })?
+        .map_err(
+            |error| match error.as_db_error().and_then(|e| e.constraint()) {
+                Some("delivery_event_id_fkey") => ReplayError::PrunedMeanwhile,
+                _ => ReplayError::Db(error),
+            },
+        )?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<Vec<Uuid>, _>>()?;
+    tx.commit().await?;
     if !created.is_empty() {
         super::wake_daemons(db).await?;
     }

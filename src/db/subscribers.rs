@@ -331,30 +331,42 @@ pub async fn set_active(
 pub struct Synced {
     pub name: String,
     pub id: Uuid,
-    /// `created`, `changed` or `removed`.
+    /// `created`, `changed`, `restored` (back in the config) or `removed`
+    /// (switched off, kept: sql/0015_config_subscribers.sql).
     pub change: String,
 }
 
 /// Makes the config-made rows what `entries` says (sql/0015): creates,
-/// changes and removes them in one transaction. Every bad field of every
-/// entry is reported at once, as `subscribers.<name>.<field>`, and then
-/// nothing is written.
+/// changes, restores and switches off rows in one transaction. Every bad
+/// field of every entry is reported at once, as
+/// `subscribers.<name>.<field>`, and then nothing is written.
 pub async fn sync_config(
-    db: &impl GenericClient,
+    db: &mut tokio_postgres::Client,
     entries: &BTreeMap<String, ConfigSubscriber>,
 ) -> Result<Vec<Synced>, StoreError> {
-    let bad = config_problems(db, entries).await?;
+    let bad = config_problems(&*db, entries).await?;
     if !bad.is_empty() {
         return Err(StoreError::Invalid(bad));
     }
     let entries = serde_json::to_value(entries).expect("config subscribers serialize");
-    let rows = db
+    // READ COMMITTED whatever the role's default: a sync that waited for
+    // another's lock must see what that one committed. Bounded, so that a
+    // row locked elsewhere fails a start or a reload instead of hanging it.
+    let tx = db
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '30s'")
+        .await?;
+    let rows = tx
         .query(
             "SELECT entry, subscriber_id, change FROM thorn.sync_config_subscribers($1)",
             &[&entries],
         )
         .await
         .map_err(rejected)?;
+    tx.commit().await?;
     rows.iter()
         .map(|r| {
             Ok(Synced {

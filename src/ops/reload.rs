@@ -136,7 +136,12 @@ impl Reloader {
                 }
             }
         }
-        if new.subscribers != self.current.subscribers {
+        if new.subscribers.is_none() && self.current.subscribers.is_some() {
+            tracing::warn!(
+                "[subscribers] is gone from the config: its subscribers are left as they are; \
+                 an empty [subscribers] table switches them off"
+            );
+        } else if new.subscribers != self.current.subscribers {
             match self.sync_subscribers(&new).await {
                 Ok(()) => {
                     applied.push("subscribers");
@@ -165,8 +170,9 @@ impl Reloader {
     /// daemon's tasks each own theirs. The running connection string, not
     /// the new one, which only a restart applies.
     async fn sync_subscribers(&self, new: &Config) -> anyhow::Result<()> {
-        let client = crate::db::connect(&self.current.database_url.0).await?;
-        crate::daemon::sync_config_subscribers(&client, new).await
+        let mut client = crate::db::connect(&self.current.database_url.0).await?;
+        crate::daemon::sync_config_subscribers(&mut client, new).await?;
+        Ok(())
     }
 }
 

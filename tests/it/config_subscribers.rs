@@ -186,8 +186,9 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
     assert_eq!(off.status(), StatusCode::OK, "switching off is allowed");
     daemon.stop().await;
 
-    // A restart with crm removed and audit moved: crm goes with its
-    // deliveries, and the switched-off audit is on again at its new URL.
+    // A restart with crm removed and audit moved: crm is switched off and
+    // kept with its deliveries, and the switched-off audit is on again at
+    // its new URL.
     let second = with_subscribers(
         &t.config_text(),
         &[(
@@ -201,26 +202,37 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
     let daemon = Daemon::start(load(&second));
     eventually(
         &db,
-        "SELECT count(*) = 1 AND bool_and(active AND url LIKE '%/moved' AND deactivated_reason IS NULL)
+        "SELECT count(*) = 2
+                AND bool_and(config_name <> 'audit' OR (active AND url LIKE '%/moved'
+                                                         AND deactivated_reason IS NULL))
+                AND bool_and(config_name <> 'crm' OR (NOT active
+                                                       AND deactivated_reason = 'removed from thorn''s config'))
          FROM thorn.subscriber WHERE config_name IS NOT NULL",
     )
     .await;
-    let orphans: i64 = db
+    let kept: i64 = db
         .query_one(
-            "SELECT count(*) FROM thorn.delivery d
-             WHERE NOT EXISTS (SELECT FROM thorn.subscriber s WHERE s.id = d.subscriber_id)",
-            &[],
+            "SELECT count(*) FROM thorn.delivery WHERE subscriber_id = $1",
+            &[&id],
         )
         .await
-        .expect("orphans")
+        .expect("crm's deliveries")
         .get(0);
-    assert_eq!(orphans, 0);
+    assert_eq!(kept, 1, "a removed entry keeps its deliveries");
     db.batch_execute("INSERT INTO article (title) VALUES ('two')")
         .await
         .expect("insert");
     let moved = audit.expect(1, WAIT, QUIET).await;
     assert_eq!(moved[0].path, "/moved");
-    assert!(crm.next(QUIET).await.is_none(), "crm was removed");
+    assert!(crm.next(QUIET).await.is_none(), "crm was switched off");
+    // Removed from the config, it may be deleted.
+    let deleted = http
+        .delete(&path)
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     daemon.stop().await;
 
     // A daemon whose config has no [subscribers] table leaves them be.
@@ -262,7 +274,49 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
          WHERE config_name IS NOT NULL",
     )
     .await;
+    let id_of_a = || async {
+        db.query_one(
+            "SELECT id FROM thorn.subscriber WHERE config_name = 'a'",
+            &[],
+        )
+        .await
+        .expect("a")
+        .get::<_, uuid::Uuid>(0)
+    };
+    let a = id_of_a().await;
+
+    // Taken out, a is switched off; put back, it is on again, the same row.
+    daemon.rewrite_config(&with_subscribers(
+        &t.config_text(),
+        &[one("b", &rx.url("/b"))],
+    ));
+    daemon.signal("HUP");
+    eventually(
+        &db,
+        "SELECT NOT active AND deactivated_reason = 'removed from thorn''s config'
+         FROM thorn.subscriber WHERE config_name = 'a'",
+    )
+    .await;
+    daemon.rewrite_config(&with_subscribers(
+        &t.config_text(),
+        &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
+    ));
+    daemon.signal("HUP");
+    eventually(
+        &db,
+        "SELECT active AND deactivated_reason IS NULL FROM thorn.subscriber WHERE config_name = 'a'",
+    )
+    .await;
+    assert_eq!(id_of_a().await, a);
     let before = config_rows(&db).await;
+
+    // Without a [subscribers] table, the rows are left as they are.
+    daemon.rewrite_config(&t.config_text());
+    daemon.signal("HUP");
+    daemon
+        .wait_for_log("[subscribers] is gone", Duration::from_secs(20))
+        .await;
+    assert_eq!(config_rows(&db).await, before);
 
     // One bad entry: nothing is written, every bad field is named.
     daemon.rewrite_config(&with_subscribers(

@@ -305,10 +305,11 @@ async fn retention_prunes_old_rows_and_keeps_pending_ones() {
     assert_eq!(left, (1, 1), "the pending delivery and its event stay");
 }
 
-/// Retention locks an event batch before it deletes it; a replay of one of
-/// those events meanwhile waits on the lock (its foreign key check), then
-/// fails as a whole, instead of leaving a delivery for the cascade to
-/// delete unseen.
+/// Retention locks an event batch before it deletes it. A replay of one
+/// of those events meanwhile waits on the lock, then fails as a whole,
+/// saying why, instead of leaving a delivery for the cascade to delete
+/// unseen: by id, it finds the event gone; by time, its insert's foreign
+/// key check fails.
 #[tokio::test]
 async fn a_replay_of_an_event_being_pruned_fails_and_says_so() {
     let t = TestDb::new().await;
@@ -333,17 +334,28 @@ async fn a_replay_of_an_event_being_pruned_fails_and_says_so() {
     tx.execute("SELECT 1 FROM thorn.event WHERE id = $1 FOR UPDATE", &[&id])
         .await
         .expect("lock");
-    let events = thorn::cli::replay::Events {
+    let by_id = thorn::cli::replay::Events {
         ids: vec![id],
         ..Default::default()
     };
-    let replay = tokio::spawn(async move {
-        thorn::cli::replay::replay(&db, sub, &events)
-            .await
-            .map_err(|e| e.to_string())
-    });
+    let by_time = thorn::cli::replay::Events {
+        from: Some(std::time::SystemTime::UNIX_EPOCH),
+        ..Default::default()
+    };
+    let mut replays = Vec::new();
+    for events in [by_id, by_time] {
+        let mut db = t.client().await;
+        replays.push(tokio::spawn(async move {
+            thorn::cli::replay::replay(&mut db, sub, &events)
+                .await
+                .map_err(|e| e.to_string())
+        }));
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!replay.is_finished(), "the replay waits for the lock");
+    assert!(
+        replays.iter().all(|r| !r.is_finished()),
+        "the replays wait for the lock"
+    );
     let deleted = tx
         .execute(
             "DELETE FROM thorn.event e WHERE e.id = $1
@@ -354,8 +366,21 @@ async fn a_replay_of_an_event_being_pruned_fails_and_says_so() {
         .expect("delete");
     assert_eq!(deleted, 1);
     tx.commit().await.expect("commit");
-    let error = replay.await.expect("task").expect_err("the event is gone");
-    assert!(error.contains("pruned by retention"), "{error}");
+    let mut errors = Vec::new();
+    for replay in replays {
+        errors.push(replay.await.expect("task").expect_err("the event is gone"));
+    }
+    assert!(
+        errors[0].contains(&format!("no dispatched event {id}")),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("pruned by retention"), "{errors:?}");
+    let deliveries: i64 = db
+        .query_one("SELECT count(*) FROM thorn.delivery", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(deliveries, 0);
 }
 
 /// Runs a one-shot `thorn` command against `t`; returns its stdout.
