@@ -55,6 +55,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "config_subscribers",
         include_str!("../../sql/0015_config_subscribers.sql"),
     ),
+    (
+        16,
+        "pair_by_position",
+        include_str!("../../sql/0016_pair_by_position.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

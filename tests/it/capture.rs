@@ -131,6 +131,91 @@ async fn watch_limits_change_events_and_no_op_updates_emit_nothing() {
     assert_eq!(events(&db).await.len(), 2);
 }
 
+/// Old and new rows pair up by position, so an UPDATE of the key itself
+/// is judged against the row it was: no event when nothing watched
+/// changed, the right OLD for a condition, and rows whose keys move onto
+/// each other each compared with their own old values.
+#[tokio::test]
+async fn updates_that_change_keys_pair_each_row_with_its_old_self() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE item (id int PRIMARY KEY DEFERRABLE, title text, state text);
+         SELECT thorn.webhook_model('public.item', watch => ARRAY['title']);
+         SELECT thorn.webhook_event('public.item', 'item.published', fires_on => 'change',
+             condition => $$NEW.state = 'published' AND OLD.state IS DISTINCT FROM 'published'$$);
+         INSERT INTO item VALUES (1, 'one', 'published'), (11, 'x', 'draft'), (2, 'y', 'draft');
+         DELETE FROM thorn.event;",
+    )
+    .await
+    .expect("table");
+
+    // The key changes, nothing watched does, and it was published before.
+    db.batch_execute("UPDATE item SET id = 5 WHERE id = 1")
+        .await
+        .expect("key change");
+    assert!(names(&db).await.is_empty(), "{:?}", events(&db).await);
+
+    // 11 becomes 2 and 2 becomes 3: both titles change.
+    db.batch_execute(
+        "UPDATE item SET id = CASE id WHEN 11 THEN 2 ELSE 3 END,
+                         title = CASE id WHEN 11 THEN 'y' ELSE 'z' END
+         WHERE id IN (11, 2)",
+    )
+    .await
+    .expect("keys moved onto each other");
+    let mut changed: Vec<(i64, String)> = events(&db)
+        .await
+        .iter()
+        .map(|e| {
+            assert_eq!(e.0, "item.changed");
+            (
+                e.3["id"].as_i64().expect("id"),
+                e.3["title"].as_str().expect("title").to_owned(),
+            )
+        })
+        .collect();
+    changed.sort();
+    assert_eq!(changed, [(2, "y".to_owned()), (3, "z".to_owned())]);
+
+    // A condition over OLD sees the row's own old values after a key change.
+    db.batch_execute(
+        "DELETE FROM thorn.event;
+         UPDATE item SET id = 20, state = 'published' WHERE id = 2;
+         UPDATE item SET id = 21, state = 'published' WHERE id = 5;",
+    )
+    .await
+    .expect("publish");
+    assert_eq!(names(&db).await, ["item.published"]);
+}
+
+/// A row moved to another partition by a key change is still paired with
+/// its old self (PostgreSQL adds its old and new versions to the parent's
+/// transition tables as the delete and insert of the move).
+#[tokio::test]
+async fn a_row_moved_to_another_partition_is_paired_with_its_old_self() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE part (id int PRIMARY KEY, title text) PARTITION BY RANGE (id);
+         CREATE TABLE part_low PARTITION OF part FOR VALUES FROM (0) TO (100);
+         CREATE TABLE part_high PARTITION OF part FOR VALUES FROM (100) TO (200);
+         SELECT thorn.webhook_model('public.part', watch => ARRAY['title']);
+         INSERT INTO part VALUES (1, 'a'), (2, 'b'), (150, 'c');
+         DELETE FROM thorn.event;
+         UPDATE part SET id = id + 100 WHERE id < 3;",
+    )
+    .await
+    .expect("moved without a title change");
+    assert!(names(&db).await.is_empty(), "{:?}", events(&db).await);
+    db.batch_execute("UPDATE part SET id = id - 100, title = title || '!' WHERE id = 101")
+        .await
+        .expect("moved back with a title change");
+    let got = events(&db).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].3, json!({"id": 1, "title": "a!"}));
+}
+
 #[tokio::test]
 async fn columns_exclude_reference_and_sender_also_on_delete() {
     let t = TestDb::new().await;
@@ -248,7 +333,6 @@ async fn bad_annotations_fail_at_once_with_clear_errors() {
             "SELECT thorn.webhook_model('public.article', on_create => 'bad name')",
             "on_create",
         ),
-        ("SELECT thorn.webhook_model('public.nokey')", "primary key"),
         (
             "SELECT thorn.webhook_event('public.article', 'a.b', 'change', 'true')",
             "not annotated",
@@ -262,9 +346,9 @@ async fn bad_annotations_fail_at_once_with_clear_errors() {
             .unwrap_or_default();
         assert!(message.contains(expected), "{sql}: {message}");
     }
-    db.batch_execute("SELECT thorn.webhook_model('public.nokey', on_change => NULL)")
+    db.batch_execute("SELECT thorn.webhook_model('public.nokey')")
         .await
-        .expect("a table without a key can have create and delete events");
+        .expect("a table without a key can have every event");
     db.batch_execute("SELECT thorn.webhook_model('public.article')")
         .await
         .expect("annotate");
