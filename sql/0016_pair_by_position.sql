@@ -1,5 +1,6 @@
 -- thorn schema, version 16: change events pair old and new rows by their
--- position in the transition tables, not by primary key.
+-- position in the transition tables, not by primary key; and without
+-- `watch`, only a change to what an event carries is a change.
 --
 -- A statement-level UPDATE trigger sees the old rows and the new rows as
 -- two tables. Pairing them on the primary key went wrong when the key
@@ -28,6 +29,19 @@
 -- Swap the change branch of _capture_select and those checks rather than
 -- restate the functions, and reinstall the captures of every annotated
 -- table.
+-- SQL text for what an event of model `m` carries from the row whose
+-- to_jsonb is `row_expr`: its data, ref and sender, as one jsonb array.
+CREATE FUNCTION thorn._carried_sql(m thorn.model, row_expr text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('pg_catalog.jsonb_build_array(%s, %s, %s)',
+                  thorn._data_sql(row_expr, m.columns, m.exclude),
+                  thorn._reference_sql(m.table_name, row_expr, m.reference),
+                  CASE WHEN m.sender_field IS NULL THEN 'NULL::pg_catalog.text'
+                       ELSE thorn._field_sql(row_expr, m.sender_field) END)
+$$;
+
 DO $$
 DECLARE
     old_branch CONSTANT text := $old$
@@ -58,6 +72,22 @@ DECLARE
             CASE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) = 'p' THEN format(
                 ' AND (SELECT pg_catalog.count(*) FROM %1$s) OPERATOR(pg_catalog.=) '
                 '(SELECT pg_catalog.count(*) FROM %2$s)', new_rel, old_rel) ELSE '' END);$new$;
+    -- Without `watch`, "something changed" meant any column, so an UPDATE
+    -- of an excluded column alone (a password hash) sent a change event
+    -- with the same payload as before: news of a change to a column that
+    -- is never sent. Now it means something the event carries: its data,
+    -- ref or sender. (Without columns or exclude the row is the data, and
+    -- the cheaper whole-row test stays.)
+    old_any CONSTANT text := $old$
+        IF m.watch IS NULL THEN
+            base_fire := '(old.thorn__row IS NULL OR NOT pg_catalog.jsonb_eq(old.thorn__row, new.thorn__row))';$old$;
+    new_any CONSTANT text := $new$
+        IF m.watch IS NULL AND m.columns IS NULL AND coalesce(cardinality(m.exclude), 0) = 0 THEN
+            base_fire := '(old.thorn__row IS NULL OR NOT pg_catalog.jsonb_eq(old.thorn__row, new.thorn__row))';
+        ELSIF m.watch IS NULL THEN
+            base_fire := format('(old.thorn__row IS NULL OR NOT pg_catalog.jsonb_eq(%s, %s))',
+                                thorn._carried_sql(m, 'old.thorn__row'),
+                                thorn._carried_sql(m, 'new.thorn__row'));$new$;
     def text := pg_get_functiondef('thorn._capture_select(regclass, text, text, text)'::regprocedure);
     -- The block that raises "… has no primary key, which change events need …".
     -- Both quantifiers lazy: in PostgreSQL the first one sets the whole
@@ -66,10 +96,10 @@ DECLARE
     fn regprocedure;
     tbl regclass;
 BEGIN
-    IF strpos(def, old_branch) = 0 THEN
+    IF strpos(def, old_branch) = 0 OR strpos(def, old_any) = 0 THEN
         RAISE EXCEPTION 'thorn: _capture_select() is not the one schema 6 installed';
     END IF;
-    EXECUTE replace(def, old_branch, new_branch);
+    EXECUTE replace(replace(def, old_branch, new_branch), old_any, new_any);
 
     FOREACH fn IN ARRAY ARRAY[
         'thorn.webhook_model(regclass, text, text, text, text, text, text, text[], text[], text[])',

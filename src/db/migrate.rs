@@ -60,6 +60,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "pair_by_position",
         include_str!("../../sql/0016_pair_by_position.sql"),
     ),
+    (
+        17,
+        "whsec_secrets",
+        include_str!("../../sql/0017_whsec_secrets.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -216,6 +216,54 @@ async fn a_row_moved_to_another_partition_is_paired_with_its_old_self() {
     assert_eq!(got[0].3, json!({"id": 1, "title": "a!"}));
 }
 
+/// Without `watch`, a change is a change to what the event carries (data,
+/// ref, sender): an UPDATE of an excluded column alone sends nothing (its
+/// event would only tell that the hidden column changed), one of the sender
+/// column does even when the payload leaves it out.
+#[tokio::test]
+async fn changes_to_columns_never_sent_emit_nothing() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(ARTICLE).await.expect("table");
+    db.batch_execute(
+        "SELECT thorn.webhook_model('public.article', sender_field => 'author',
+                                    columns => ARRAY['id', 'title', 'password_hash'],
+                                    exclude => ARRAY['password_hash']);
+         INSERT INTO article (title, author, password_hash) VALUES ('a', 'alice', 'h1');
+         UPDATE article SET password_hash = 'h2';
+         UPDATE article SET state = 'published';
+         UPDATE article SET author = 'bob';
+         UPDATE article SET title = 'b';",
+    )
+    .await
+    .expect("writes");
+    let got = events(&db).await;
+    let summary: Vec<(&str, Option<&str>, serde_json::Value)> = got
+        .iter()
+        .map(|e| (e.0.as_str(), e.2.as_deref(), e.3.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "article.created",
+                Some("alice"),
+                json!({"id": 1, "title": "a"})
+            ),
+            (
+                "article.changed",
+                Some("bob"),
+                json!({"id": 1, "title": "a"})
+            ),
+            (
+                "article.changed",
+                Some("bob"),
+                json!({"id": 1, "title": "b"})
+            ),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn columns_exclude_reference_and_sender_also_on_delete() {
     let t = TestDb::new().await;
@@ -462,6 +510,62 @@ async fn subscriber_rows_are_validated_and_normalised() {
         .expect("db error")
         .message()
         .contains("hmac_digest"));
+}
+
+/// A `whsec_` secret is Standard Webhooks' base64 of the key: one that is
+/// not (so receivers' libraries would refuse every signature) is refused
+/// when written; one written before stays usable.
+#[tokio::test]
+async fn whsec_secrets_must_hold_base64() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let insert = |secret: &'static str| {
+        let db = &db;
+        async move {
+            db.execute(
+                "INSERT INTO thorn.subscriber (event, url, hmac_secret) VALUES ('a.*', 'https://e.com/', $1)",
+                &[&secret],
+            )
+            .await
+        }
+    };
+    for good in [
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_YQ==",
+        "whsec_YWI=",
+        "not-whsec_at-all!",
+    ] {
+        insert(good).await.expect(good);
+    }
+    for bad in [
+        "whsec_!!!notbase64",
+        "whsec_YR==",
+        "whsec_YWJ=",
+        "whsec_YQ",
+        "whsec_",
+    ] {
+        let error = insert(bad).await.expect_err(bad);
+        let message = error.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(
+            message.contains("thorn.subscriber.hmac_secret") && message.contains("base64"),
+            "{bad}: {message}"
+        );
+    }
+    // Written before the rule (the trigger bypassed here), it is not judged
+    // again until it changes: the daemon can still switch it off.
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO thorn.subscriber (event, url, hmac_secret) VALUES ('old', 'https://e.com/', 'whsec_!!!');
+         RESET session_replication_role;
+         UPDATE thorn.subscriber SET active = false WHERE event = 'old';",
+    )
+    .await
+    .expect("an old row stays writable");
+    let error = db
+        .batch_execute("UPDATE thorn.subscriber SET hmac_secret = 'whsec_!!?' WHERE event = 'old'")
+        .await
+        .expect_err("a new bad secret");
+    assert!(format!("{error:?}").contains("base64"), "{error:?}");
 }
 
 /// A client whose server notices (RAISE WARNING …) arrive on a channel.
