@@ -21,7 +21,13 @@
 -- Measured inside the server (a plpgsql loop of 10,000 statements, a
 -- four-column table): a 10,000-row UPDATE takes 104 ms instead of 197 ms,
 -- since no key is extracted from each row's JSON; a single-row UPDATE about
--- 2-3 µs more than the 22-25 µs it took (two window functions).
+-- 2-3 µs more than the 22-25 µs it took (two window functions), and about
+-- 4 µs more with `exclude` or `columns` and no `watch` (the comparison of
+-- what the event carries).
+--
+-- The position is a column beside the table's own, thorn__n, so that name
+-- is now reserved like thorn__row; an annotated table that has such a
+-- column keeps its schema-15 capture, with a warning.
 --
 -- Change events so no longer need a primary key: webhook_model,
 -- webhook_event and the DDL guard (_check_annotation) stop asking for one.
@@ -93,6 +99,12 @@ DECLARE
     -- Both quantifiers lazy: in PostgreSQL the first one sets the whole
     -- expression's preference, and a greedy one would reach the last END IF.
     key_check CONSTANT text := '\n    IF [^\n]*?thorn\._primary_key\(tbl\) IS NULL.*?END IF;';
+    reserved_check CONSTANT text := $old$
+    IF 'thorn__row' = ANY (thorn._columns(tbl)) THEN
+        RAISE EXCEPTION 'thorn: % has a column named thorn__row, which thorn reserves', tbl$old$;
+    reserving CONSTANT text := $new$
+    IF thorn._columns(tbl) && ARRAY['thorn__row', 'thorn__n'] THEN
+        RAISE EXCEPTION 'thorn: % has a column named thorn__row or thorn__n, which thorn reserves', tbl$new$;
     fn regprocedure;
     tbl regclass;
 BEGIN
@@ -100,6 +112,17 @@ BEGIN
         RAISE EXCEPTION 'thorn: _capture_select() is not the one schema 6 installed';
     END IF;
     EXECUTE replace(replace(def, old_branch, new_branch), old_any, new_any);
+
+    -- The position is a column beside the table's own (thorn__n): reserve
+    -- its name as thorn__row's is, in the annotation and DDL checks.
+    FOREACH fn IN ARRAY ARRAY['thorn._check_table(regclass)',
+                              'thorn._check_annotation(regclass)']::regprocedure[] LOOP
+        def := pg_get_functiondef(fn);
+        IF strpos(def, reserved_check) = 0 THEN
+            RAISE EXCEPTION 'thorn: % does not reserve thorn__row as schema 4 left it', fn;
+        END IF;
+        EXECUTE replace(def, reserved_check, reserving);
+    END LOOP;
 
     FOREACH fn IN ARRAY ARRAY[
         'thorn.webhook_model(regclass, text, text, text, text, text, text, text[], text[], text[])',
@@ -113,11 +136,12 @@ BEGIN
     END LOOP;
 
     -- Tables that schema 13's checks would refuse keep the capture they
-    -- have (schema 13 warned about them); every other one gets the new one.
+    -- have (schema 13 warned about them), and so do tables with a column
+    -- named thorn__n; every other one gets the new one.
     FOR tbl IN SELECT table_name FROM thorn.model ORDER BY table_name::text LOOP
         BEGIN
             PERFORM thorn._install(tbl);
-        EXCEPTION WHEN insufficient_privilege OR feature_not_supported THEN
+        EXCEPTION WHEN insufficient_privilege OR feature_not_supported OR ambiguous_column THEN
             RAISE WARNING 'thorn: % keeps its capture of schema 15 (%): change events of rows whose key changes are paired wrongly until it is annotated again',
                 tbl, SQLERRM;
         END;

@@ -105,8 +105,8 @@ fn from_row(r: &Row) -> Result<Subscription, tokio_postgres::Error> {
 }
 
 /// Every problem of the row `base` would become with `changes` applied
-/// (`base` = None: a new row with the defaults). A secret left out of a new
-/// row is generated, so it is not a problem.
+/// (`base` = None: a new row with the defaults). A secret left out is not
+/// a problem: a new row gets a random one, and a row's own is kept.
 pub async fn problems(
     db: &impl GenericClient,
     base: Option<&Subscription>,
@@ -126,11 +126,9 @@ pub async fn problems(
         "application/json",
     );
     let signer = pick(&changes.hmac_signer, base.map(|b| &b.hmac_signer), "sign");
-    let secret: Option<String> = changes
-        .hmac_secret
-        .as_ref()
-        .or(base.map(|b| &b.hmac_secret))
-        .map(|s| s.0.clone());
+    // Only a secret being set is judged: one kept as it is was accepted
+    // when it was set (rules may have grown since: schema 17).
+    let secret: Option<String> = changes.hmac_secret.as_ref().map(|s| s.0.clone());
     let rows = db
         .query(
             "SELECT column_name, problem

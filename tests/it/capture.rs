@@ -353,10 +353,17 @@ async fn bad_annotations_fail_at_once_with_clear_errors() {
     let t = TestDb::new().await;
     let db = t.client().await;
     db.batch_execute(ARTICLE).await.expect("table");
-    db.batch_execute("CREATE TABLE nokey (a int, b text)")
-        .await
-        .expect("table");
+    db.batch_execute(
+        "CREATE TABLE nokey (a int, b text);
+         CREATE TABLE reserved (id int PRIMARY KEY, thorn__n int)",
+    )
+    .await
+    .expect("tables");
     let cases = [
+        (
+            "SELECT thorn.webhook_model('public.reserved')",
+            "thorn__n, which thorn reserves",
+        ),
         (
             "SELECT thorn.webhook_model('public.nope')",
             "does not exist",
@@ -561,6 +568,25 @@ async fn whsec_secrets_must_hold_base64() {
     )
     .await
     .expect("an old row stays writable");
+    // Nor by the API's and the CLI's validation, while the secret is kept.
+    let id: uuid::Uuid = db
+        .query_one("SELECT id FROM thorn.subscriber WHERE event = 'old'", &[])
+        .await
+        .expect("old row")
+        .get(0);
+    let old = thorn::db::subscribers::get(&db, id, None)
+        .await
+        .expect("get")
+        .expect("the old row");
+    let switch_on = thorn::db::subscribers::Changes {
+        active: Some(true),
+        url: Some("https://e.com/new".into()),
+        ..Default::default()
+    };
+    let found = thorn::db::subscribers::problems(&db, Some(&old), &switch_on)
+        .await
+        .expect("problems");
+    assert!(found.is_empty(), "{found:?}");
     let error = db
         .batch_execute("UPDATE thorn.subscriber SET hmac_secret = 'whsec_!!?' WHERE event = 'old'")
         .await
