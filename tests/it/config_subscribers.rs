@@ -26,6 +26,12 @@ fn with_subscribers(base: &str, tables: &[(&str, String)]) -> String {
     text
 }
 
+/// Rewrites the daemon's config file and makes it reload.
+fn reload(daemon: &Process, config: &str) {
+    daemon.rewrite_config(config);
+    daemon.signal("HUP");
+}
+
 fn load(text: &str) -> Config {
     Config::load(Some(text), &HashMap::new()).expect("config")
 }
@@ -263,11 +269,13 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
     )
     .await;
 
-    daemon.rewrite_config(&with_subscribers(
-        &t.config_text(),
-        &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
-    ));
-    daemon.signal("HUP");
+    reload(
+        &daemon,
+        &with_subscribers(
+            &t.config_text(),
+            &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
+        ),
+    );
     eventually(
         &db,
         "SELECT count(*) = 2 AND bool_and(url NOT LIKE '%/a') FROM thorn.subscriber
@@ -286,22 +294,23 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
     let a = id_of_a().await;
 
     // Taken out, a is switched off; put back, it is on again, the same row.
-    daemon.rewrite_config(&with_subscribers(
-        &t.config_text(),
-        &[one("b", &rx.url("/b"))],
-    ));
-    daemon.signal("HUP");
+    reload(
+        &daemon,
+        &with_subscribers(&t.config_text(), &[one("b", &rx.url("/b"))]),
+    );
     eventually(
         &db,
         "SELECT NOT active AND deactivated_reason = 'removed from thorn''s config'
          FROM thorn.subscriber WHERE config_name = 'a'",
     )
     .await;
-    daemon.rewrite_config(&with_subscribers(
-        &t.config_text(),
-        &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
-    ));
-    daemon.signal("HUP");
+    reload(
+        &daemon,
+        &with_subscribers(
+            &t.config_text(),
+            &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
+        ),
+    );
     eventually(
         &db,
         "SELECT active AND deactivated_reason IS NULL FROM thorn.subscriber WHERE config_name = 'a'",
@@ -311,22 +320,23 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
     let before = config_rows(&db).await;
 
     // Without a [subscribers] table, the rows are left as they are.
-    daemon.rewrite_config(&t.config_text());
-    daemon.signal("HUP");
+    reload(&daemon, &t.config_text());
     daemon
         .wait_for_log("[subscribers] is gone", Duration::from_secs(20))
         .await;
     assert_eq!(config_rows(&db).await, before);
 
     // One bad entry: nothing is written, every bad field is named.
-    daemon.rewrite_config(&with_subscribers(
-        &t.config_text(),
-        &[
-            one("a", &rx.url("/a3")),
-            ("b", "event = \"a..b\"\nurl = \"ftp://h/\"".to_owned()),
-        ],
-    ));
-    daemon.signal("HUP");
+    reload(
+        &daemon,
+        &with_subscribers(
+            &t.config_text(),
+            &[
+                one("a", &rx.url("/a3")),
+                ("b", "event = \"a..b\"\nurl = \"ftp://h/\"".to_owned()),
+            ],
+        ),
+    );
     daemon
         .wait_for_log("subscribers.b.url", Duration::from_secs(20))
         .await;
