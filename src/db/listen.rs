@@ -43,6 +43,7 @@ pub async fn run(
                                     break;
                                 }
                             }
+                            Ok(AsyncMessage::Notice(notice)) => super::log_notice(&notice),
                             Ok(_) => {}
                             Err(error) => {
                                 tracing::warn!(%error, "listener connection failed");

@@ -52,13 +52,36 @@ pub async fn connect_raw(url: &str) -> Result<(Client, RawConnection), tokio_pos
 
 /// Opens a connection driven by a background task.
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = connect_raw(url).await?;
+    use futures_util::StreamExt;
+    let (client, mut connection) = connect_raw(url).await?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "database connection ended");
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notice(notice)) => log_notice(&notice),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "database connection ended");
+                    break;
+                }
+            }
         }
     });
     Ok(client)
+}
+
+/// Logs a message the server sent (a migration's or an annotation
+/// function's RAISE WARNING, say) at its own level. The driver, left to
+/// itself, logs them all at info, so `log.level = "warn"` hid the warnings
+/// an operator needs, such as a table a migration could not upgrade.
+pub fn log_notice(notice: &tokio_postgres::error::DbError) {
+    use tokio_postgres::error::Severity;
+    let (message, hint) = (notice.message(), notice.hint().unwrap_or(""));
+    match notice.parsed_severity() {
+        Some(Severity::Warning) => tracing::warn!(hint, "database: {message}"),
+        Some(Severity::Notice | Severity::Info) => tracing::info!(hint, "database: {message}"),
+        _ => tracing::debug!(hint, "database: {message}"),
+    }
 }
 
 /// Settings of the daemon's own sessions.

@@ -680,3 +680,29 @@ fn check_config_database_flag_warns_or_fails() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("database reachable"), "{stdout}");
 }
+
+/// A server warning on one of thorn's connections (a migration's RAISE
+/// WARNING about a table it could not upgrade, say) is logged as a
+/// warning, so `log.level = "warn"` still shows it; a notice stays at info.
+#[tokio::test]
+async fn server_warnings_are_logged_as_warnings() {
+    let t = TestDb::new().await;
+    let logs = crate::support::captured_logs();
+    let client = thorn::db::connect(&t.url).await.expect("connect");
+    client
+        .batch_execute(
+            "DO $$ BEGIN RAISE WARNING 'warning-canary-5e2'; RAISE NOTICE 'notice-canary-5e2'; END $$",
+        )
+        .await
+        .expect("raise");
+    // The notices arrive before the statement's end, on the same stream.
+    let text = logs.text();
+    let line = |canary: &str| {
+        text.lines()
+            .find(|l| l.contains(canary))
+            .unwrap_or_else(|| panic!("{canary} not logged:\n{text}"))
+            .to_owned()
+    };
+    assert!(line("warning-canary-5e2").contains("WARN"), "{text}");
+    assert!(line("notice-canary-5e2").contains("INFO"), "{text}");
+}

@@ -1,15 +1,15 @@
 //! The address guard, URL rules, TLS, response bounds, secrets and least
 //! privilege, end to end against real servers on loopback.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
 
 use crate::support::{
-    eventually, read_request, subscribe, wait_ended, Daemon, RawServer, Receiver, TestDb, QUIET,
-    WAIT,
+    captured_logs, eventually, read_request, subscribe, wait_ended, Daemon, RawServer, Receiver,
+    TestDb, QUIET, WAIT,
 };
 
 async fn article_table(db: &Client) {
@@ -559,50 +559,6 @@ async fn oversized_response_heads_are_refused() {
     );
 }
 
-/// A tracing writer that keeps everything in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// Installs (once for the test binary) a global subscriber that keeps every
-/// log line of every test at trace level for the HTTP stack and thorn.
-/// Global rather than per-thread: a thread-local default misses events
-/// whose callsites other test threads cached first.
-fn captured_logs() -> &'static Captured {
-    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_env_filter(
-                "info,thorn=trace,reqwest=trace,hyper=trace,hyper_util=trace,rustls=debug",
-            )
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("only this test sets one");
-        logs
-    })
-}
-
 #[tokio::test]
 async fn secrets_stay_out_of_logs_errors_and_debug_output() {
     const SECRET: &str = "hmac-canary-7d1c9e";
@@ -657,7 +613,7 @@ async fn secrets_stay_out_of_logs_errors_and_debug_output() {
         .iter()
         .map(|e| format!("{:?}{:?}", e.error, e.response))
         .collect();
-    let logged = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    let logged = logs.text();
     assert!(logged.contains("delivery failed"), "the capture works");
     for canary in [SECRET, URL_PASSWORD, URL_TOKEN] {
         assert!(!stored.contains(canary), "{canary} in {stored}");
