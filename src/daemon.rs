@@ -60,40 +60,10 @@ pub async fn prepare_database(
         Ok(_) => {}
         Err(error) => tracing::debug!(%error, "cannot check partition trees"),
     }
-    sync_config_subscribers(&mut client, config)
+    subscribers::sync_from_config(&mut client, config)
         .await
         .map_err(ConfigRefused::from_store)?;
     Ok(true)
-}
-
-/// Makes the subscribers of the config's `[subscribers]` table (if it has
-/// one) those in the database, and logs each one created, changed,
-/// restored or switched off. Called at start and on reload.
-pub async fn sync_config_subscribers(
-    client: &mut tokio_postgres::Client,
-    config: &Config,
-) -> Result<(), subscribers::StoreError> {
-    let Some(entries) = &config.subscribers else {
-        return Ok(());
-    };
-    let synced = subscribers::sync_config(client, entries).await?;
-    for s in &synced {
-        if s.change == "removed" {
-            tracing::warn!(
-                name = %s.name, id = %s.id,
-                "subscriber removed from the config: switched off, kept with its deliveries; \
-                 delete it (thorn subscriber remove) once it is not coming back"
-            );
-        } else {
-            tracing::info!(name = %s.name, id = %s.id, change = %s.change, "subscriber from the config");
-        }
-    }
-    tracing::info!(
-        configured = entries.len(),
-        changed = synced.len(),
-        "subscribers from the config are in place"
-    );
-    Ok(())
 }
 
 /// The start failed on the config: its `[subscribers]` entries were
@@ -129,6 +99,7 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
         ops.finish().await;
         return Ok(());
     }
+    ops.state.prepared.cancel();
     ops.status("starting the tasks");
     let url = config.database_url.0.clone();
     let http = client::Client::new(&config).context("building the HTTP client")?;

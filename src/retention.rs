@@ -153,7 +153,13 @@ async fn prune_events(
     let mut total = 0;
     let mut from = SystemTime::UNIX_EPOCH;
     while !stop.is_cancelled() {
-        let tx = db.transaction().await?;
+        // READ COMMITTED whatever the role's default: the second statement
+        // must see deliveries committed after the first one's snapshot.
+        let tx = db
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await?;
         let rows = tx
             .query(&lock, &[&age.as_secs_f64(), &BATCH, &from])
             .await?;

@@ -143,26 +143,30 @@ fn parse_body(
     Ok((changes, errors))
 }
 
+/// What the address guard says of a new URL. Asked before a database
+/// connection is taken: it may wait for DNS, and the API's connections are
+/// few.
+async fn url_problem(api: &Api, changes: &Changes) -> Option<String> {
+    api.check_url(changes.url.as_deref()?).await.err()
+}
+
 /// Collects every problem: types and required fields, the database's rules
-/// for the fields that parsed, then the address guard for a valid URL.
+/// for the fields that parsed, then the address guard's for a URL the
+/// database accepts.
 async fn validate(
-    api: &Api,
     db: &tokio_postgres::Client,
     base: Option<&Subscription>,
     changes: &Changes,
     mut errors: FieldErrors,
+    url_problem: Option<String>,
 ) -> Result<(), ApiError> {
     let found = subscribers::problems(db, base, changes).await?;
     for (field, messages) in found {
         // A field already reported as missing or mistyped was not sent.
         errors.entry(field).or_insert(messages);
     }
-    if let Some(url) = &changes.url {
-        if !errors.contains_key("url") {
-            if let Err(message) = api.check_url(url).await {
-                errors.insert("url".into(), vec![message]);
-            }
-        }
+    if let Some(message) = url_problem {
+        errors.entry("url".into()).or_insert_with(|| vec![message]);
     }
     if errors.is_empty() {
         Ok(())
@@ -186,8 +190,9 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let caller = api.auth.caller(&headers)?;
     let (changes, errors) = parse_body(&body, Mode::Create, &caller)?;
+    let url_problem = url_problem(&api, &changes).await;
     let db = api.db().await?;
-    validate(&api, &db, None, &changes, errors).await?;
+    validate(&db, None, &changes, errors, url_problem).await?;
     let row = subscribers::insert(&**db, &changes).await?;
     tracing::info!(subscriber = %row.id, owner = ?row.owner, event = %row.event, "subscribed through the API");
     let location = format!("/hooks/{}/", row.id);
@@ -230,13 +235,14 @@ async fn change(
 ) -> Result<Response, ApiError> {
     let caller = api.auth.caller(headers)?;
     let id = parse_id(id)?;
-    let db = api.db().await?;
     // Existence first: another owner's id is a 404 even with a bad body.
-    let current = subscribers::get(&**db, id, caller.scope())
+    let current = subscribers::get(&**api.db().await?, id, caller.scope())
         .await?
         .ok_or_else(ApiError::not_found)?;
     let (changes, errors) = parse_body(body, mode, &caller)?;
-    validate(api, &db, Some(&current), &changes, errors).await?;
+    let url_problem = url_problem(api, &changes).await;
+    let db = api.db().await?;
+    validate(&db, Some(&current), &changes, errors, url_problem).await?;
     let row = subscribers::update(&**db, id, caller.scope(), &changes)
         .await?
         .ok_or_else(ApiError::not_found)?;

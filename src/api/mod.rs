@@ -18,8 +18,9 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+    Connect, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
 };
+use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,34 @@ const POOL_SIZE: usize = 4;
 const POOL_WAIT: Duration = Duration::from_secs(2);
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
+/// Opens the pool's connections: driven as the daemon's are (server
+/// warnings logged at their level), with the API's timeouts set by
+/// statements, which a connection pooler passes on (startup options it may
+/// refuse).
+struct Session;
+
+impl Connect for Session {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = config.clone();
+        Box::pin(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            let driver = crate::db::drive(connection);
+            client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '{LOCK_TIMEOUT}'; SET statement_timeout = '{STATEMENT_TIMEOUT}'"
+                ))
+                .await?;
+            Ok((client, driver))
+        })
+    }
+}
+
 /// What the handlers share.
 pub struct Api {
     auth: Auth,
@@ -61,18 +90,9 @@ pub struct Api {
 
 impl Api {
     pub fn from_config(config: &Config) -> anyhow::Result<Api> {
-        let mut db = crate::db::parse_url(&config.database_url.0)?;
-        // Set at connection start: no statement per new connection.
-        let timeouts =
-            format!("-c lock_timeout={LOCK_TIMEOUT} -c statement_timeout={STATEMENT_TIMEOUT}");
-        let options = match db.get_options() {
-            Some(theirs) => format!("{theirs} {timeouts}"),
-            None => timeouts,
-        };
-        db.options(&options);
-        let manager = Manager::from_config(
-            db,
-            NoTls,
+        let manager = Manager::from_connect(
+            crate::db::parse_url(&config.database_url.0)?,
+            Session,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

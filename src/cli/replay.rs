@@ -90,7 +90,13 @@ pub async fn replay(
     subscriber: Uuid,
     events: &Events,
 ) -> Result<Vec<Uuid>, ReplayError> {
-    let tx = db.transaction().await?;
+    // READ COMMITTED whatever the role's default: the lock query must find
+    // an event deleted while it waited for retention's lock as gone.
+    let tx = db
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?;
     let active: Option<bool> = tx
         .query_opt(
             "SELECT active FROM thorn.subscriber WHERE id = $1 FOR KEY SHARE",

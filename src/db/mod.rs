@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio_postgres::{Client, Connection, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 
-type RawConnection = Connection<Socket, tokio_postgres::tls::NoTlsStream>;
+pub type RawConnection = Connection<Socket, tokio_postgres::tls::NoTlsStream>;
 
 /// Parses a connection string (URL or key=value) and fills what it left
 /// unset: application_name `thorn`, a connect timeout, and keepalives.
@@ -52,8 +52,15 @@ pub async fn connect_raw(url: &str) -> Result<(Client, RawConnection), tokio_pos
 
 /// Opens a connection driven by a background task.
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = connect_raw(url).await?;
+    drive(connection);
+    Ok(client)
+}
+
+/// Drives a connection in a task of its own until its client is dropped or
+/// it fails, logging what the server says on it ([`log_notice`]).
+pub fn drive(mut connection: RawConnection) -> tokio::task::JoinHandle<()> {
     use futures_util::StreamExt;
-    let (client, mut connection) = connect_raw(url).await?;
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -66,8 +73,7 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
                 }
             }
         }
-    });
-    Ok(client)
+    })
 }
 
 /// Logs a message the server sent (a migration's or an annotation

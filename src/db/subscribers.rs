@@ -13,7 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
-use crate::config::ConfigSubscriber;
+use crate::config::{Config, ConfigSubscriber};
 use crate::sign::Secret;
 
 /// A subscriber as people see it.
@@ -153,7 +153,15 @@ fn rejected(error: tokio_postgres::Error) -> StoreError {
     if *db.code() == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
         && db.column() == Some("config_name")
     {
-        return StoreError::FromConfig(db.message().to_owned());
+        // "thorn.subscriber.config_name: subscriber … comes from …" → "subscriber …"
+        let message = db
+            .message()
+            .split_once(": ")
+            .map_or(db.message(), |(_, m)| m);
+        return StoreError::FromConfig(match db.hint() {
+            Some(hint) => format!("{message}. {hint}"),
+            None => message.to_owned(),
+        });
     }
     if *db.code() != SqlState::CHECK_VIOLATION {
         return StoreError::Db(error);
@@ -329,9 +337,59 @@ pub async fn set_active(
 pub struct Synced {
     pub name: String,
     pub id: Uuid,
-    /// `created`, `changed`, `restored` (back in the config) or `removed`
-    /// (switched off, kept: sql/0015_config_subscribers.sql).
-    pub change: String,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Created,
+    Changed,
+    /// Back in the config: switched on again.
+    Restored,
+    /// Gone from the config: switched off and kept
+    /// (sql/0015_config_subscribers.sql).
+    Removed,
+}
+
+impl Change {
+    fn from_sql(change: &str) -> Change {
+        match change {
+            "created" => Change::Created,
+            "restored" => Change::Restored,
+            "removed" => Change::Removed,
+            _ => Change::Changed,
+        }
+    }
+}
+
+/// Makes the subscribers of the config's `[subscribers]` table (if it has
+/// one) those in the database, and logs each one created, changed,
+/// restored or switched off. Called at start and on reload.
+pub async fn sync_from_config(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<(), StoreError> {
+    let Some(entries) = &config.subscribers else {
+        return Ok(());
+    };
+    let synced = sync_config(client, config, entries).await?;
+    for s in &synced {
+        if s.change == Change::Removed {
+            tracing::warn!(
+                name = %s.name, id = %s.id,
+                "subscriber removed from the config: switched off, kept with its deliveries; \
+                 delete it (thorn subscriber remove) once it is not coming back"
+            );
+        } else {
+            tracing::info!(name = %s.name, id = %s.id, change = ?s.change, "subscriber from the config");
+        }
+    }
+    tracing::info!(
+        configured = entries.len(),
+        changed = synced.len(),
+        "subscribers from the config are in place"
+    );
+    Ok(())
 }
 
 /// Makes the config-made rows what `entries` says (sql/0015): creates,
@@ -340,9 +398,10 @@ pub struct Synced {
 /// `subscribers.<name>.<field>`, and then nothing is written.
 pub async fn sync_config(
     db: &mut tokio_postgres::Client,
+    config: &Config,
     entries: &BTreeMap<String, ConfigSubscriber>,
 ) -> Result<Vec<Synced>, StoreError> {
-    let bad = config_problems(&*db, entries).await?;
+    let bad = config_problems(&*db, config, entries).await?;
     if !bad.is_empty() {
         return Err(StoreError::Invalid(bad));
     }
@@ -370,7 +429,7 @@ pub async fn sync_config(
             Ok(Synced {
                 name: r.try_get(0)?,
                 id: r.try_get(1)?,
-                change: r.try_get(2)?,
+                change: Change::from_sql(r.try_get(2)?),
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
@@ -378,10 +437,17 @@ pub async fn sync_config(
 }
 
 /// Every problem of the config's subscribers, by `subscribers.<name>.<field>`.
+///
+/// A URL the database accepts must also pass the delivery client's rules
+/// that need no DNS (scheme, port, a literal address the guard refuses), as
+/// in the API: deliveries to it would otherwise all be refused.
 pub async fn config_problems(
     db: &impl GenericClient,
+    config: &Config,
     entries: &BTreeMap<String, ConfigSubscriber>,
 ) -> Result<FieldErrors, tokio_postgres::Error> {
+    // Fails only on an unusable TLS setting, which the daemon refuses anyway.
+    let rules = crate::deliver::client::Client::new(config).ok();
     let mut bad = FieldErrors::new();
     for (name, entry) in entries {
         let wanted = Changes {
@@ -393,8 +459,16 @@ pub async fn config_problems(
             hmac_signer: entry.hmac_signer.clone(),
             ..Changes::default()
         };
-        for (field, messages) in problems(db, None, &wanted).await? {
+        let found = problems(db, None, &wanted).await?;
+        let url_refused = match (&rules, found.contains_key("url")) {
+            (Some(rules), false) => rules.check_url(&entry.url).err(),
+            _ => None,
+        };
+        for (field, messages) in found {
             bad.insert(format!("subscribers.{name}.{field}"), messages);
+        }
+        if let Some(message) = url_refused {
+            bad.insert(format!("subscribers.{name}.url"), vec![message]);
         }
     }
     Ok(bad)

@@ -195,7 +195,7 @@ pub async fn database(config: &Config, within: Duration) -> Reachable {
             .map_err(|e| chain(&e))?;
         let mut subscribers = Vec::new();
         if let (Some(entries), true) = (&config.subscribers, schema >= 3) {
-            let found = crate::db::subscribers::config_problems(&client, entries)
+            let found = crate::db::subscribers::config_problems(&client, config, entries)
                 .await
                 .map_err(|e| chain(&e))?;
             for (key, messages) in found {

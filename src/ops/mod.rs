@@ -62,6 +62,10 @@ pub struct State {
     database_up: AtomicBool,
     ready: AtomicBool,
     stopping: AtomicBool,
+    /// Cancelled once start-up has migrated the database and written the
+    /// config's `[subscribers]`: reloads wait for it, so that start-up's
+    /// write of the config it began with cannot undo a newer one.
+    pub prepared: tokio_util::sync::CancellationToken,
     /// Longest a heartbeat may be silent while the database answers.
     stall: Duration,
     slots: Mutex<Vec<Arc<Slot>>>,
@@ -85,6 +89,7 @@ impl State {
             listening,
             database_up: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            prepared: tokio_util::sync::CancellationToken::new(),
             stopping: AtomicBool::new(false),
             stall,
             slots: Mutex::new(Vec::new()),

@@ -2,7 +2,9 @@
 //! are read and checked again; a bad config is refused as a whole (every
 //! problem is logged) and the daemon keeps the one it runs with.
 //!
-//! Applied at run time: `log.level` (unless `RUST_LOG` is set),
+//! Reloads wait until start-up has reached the database and written the
+//! config's `[subscribers]`. Applied at run time: `log.level` (unless
+//! `RUST_LOG` is set),
 //! `metrics.listen` (the endpoint moves; if the new address cannot be bound
 //! the old endpoint stays) and `[subscribers]` (written to the database; if
 //! that fails, the database keeps the previous ones and the next reload
@@ -56,6 +58,12 @@ pub struct Reloader {
 
 impl Reloader {
     pub async fn run(mut self, mut reloads: mpsc::Receiver<Reload>, finished: CancellationToken) {
+        // A SIGHUP during start-up is read at once and applied here after
+        // it (a log level change waits for the database with it).
+        tokio::select! {
+            _ = self.state.prepared.cancelled() => {}
+            _ = finished.cancelled() => return,
+        }
         loop {
             tokio::select! {
                 got = reloads.recv() => match got {
@@ -163,15 +171,13 @@ impl Reloader {
         tracing::info!(applied = ?applied, "config reloaded");
         (applied, ok)
     }
-}
 
-impl Reloader {
     /// Through a connection of its own: reloads are rare, and the
     /// daemon's tasks each own theirs. The running connection string, not
     /// the new one, which only a restart applies.
     async fn sync_subscribers(&self, new: &Config) -> anyhow::Result<()> {
         let mut client = crate::db::connect(&self.current.database_url.0).await?;
-        crate::daemon::sync_config_subscribers(&mut client, new).await?;
+        crate::db::subscribers::sync_from_config(&mut client, new).await?;
         Ok(())
     }
 }

@@ -349,12 +349,23 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
     // `check-config --database` finds it beforehand.
     let bad = with_subscribers(
         &t.config_text(),
-        &[("b", "event = \"x\"\nurl = \"not a url\"".to_owned())],
+        &[
+            ("b", "event = \"x\"\nurl = \"not a url\"".to_owned()),
+            // Valid for the database; refused by the address guard.
+            ("c", "event = \"x\"\nurl = \"http://10.0.0.5/x\"".to_owned()),
+        ],
     );
     for args in [&["run"][..], &["check-config", "--database", "require"]] {
         let mut refused = Process::spawn(&bad, args);
         let status = refused.wait(WAIT).await;
         assert_eq!(status.code(), Some(64), "{args:?}: {}", refused.log());
+        assert!(
+            refused
+                .log()
+                .contains("subscribers.c.url: 10.0.0.5 is not a global address"),
+            "{args:?}: {}",
+            refused.log()
+        );
         assert!(
             refused.log().contains("subscribers.b.url"),
             "{args:?}: {}",
@@ -362,4 +373,48 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
         );
     }
     assert_eq!(config_rows(&db).await, before);
+}
+
+/// A SIGHUP while the daemon is still starting is applied after start-up
+/// has written the config it began with, so the newer config wins (start-up
+/// is held here by a lock on thorn.model, which it reads after migrating).
+#[tokio::test]
+async fn a_reload_during_start_up_is_not_undone_by_it() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    let entry = |url: &str| [("a", format!("event = \"article.*\"\nurl = \"{url}\""))];
+    let old = with_subscribers(&t.config_text(), &entry("http://127.0.0.1:9/old"));
+    let new = with_subscribers(&t.config_text(), &entry("http://127.0.0.1:9/new"));
+    let hold = db.transaction().await.expect("begin");
+    hold.batch_execute("LOCK TABLE thorn.model")
+        .await
+        .expect("lock");
+    let mut daemon = Process::run(&old);
+    // Started, and waiting for the lock.
+    let waiting = t.client().await;
+    eventually(
+        &waiting,
+        "SELECT count(*) > 0 FROM pg_locks
+         WHERE NOT granted AND relation = 'thorn.model'::regclass",
+    )
+    .await;
+    reload(&daemon, &new);
+    daemon
+        .wait_for_log("SIGHUP: reloading the config", Duration::from_secs(20))
+        .await;
+    hold.commit().await.expect("release");
+    // Once started and reloaded, the row is the newer config's.
+    for line in ["thorn is running", "config reloaded"] {
+        daemon.wait_for_log(line, Duration::from_secs(20)).await;
+    }
+    let url: String = waiting
+        .query_one(
+            "SELECT url FROM thorn.subscriber WHERE config_name = 'a'",
+            &[],
+        )
+        .await
+        .expect("a")
+        .get(0);
+    assert!(url.ends_with("/new"), "{url}\n{}", daemon.log());
+    daemon.stop_cleanly(WAIT).await;
 }
