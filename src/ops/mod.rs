@@ -63,8 +63,9 @@ pub struct State {
     ready: AtomicBool,
     stopping: AtomicBool,
     /// Cancelled once start-up has migrated the database and written the
-    /// config's `[subscribers]`: reloads wait for it, so that start-up's
-    /// write of the config it began with cannot undo a newer one.
+    /// config's `[subscribers]`: a reload writes its own only after that,
+    /// so that start-up's write of the config it began with cannot undo a
+    /// newer one.
     pub prepared: tokio_util::sync::CancellationToken,
     /// Longest a heartbeat may be silent while the database answers.
     stall: Duration,
@@ -257,6 +258,7 @@ impl Ops {
                     notifier: self.notifier.clone(),
                     logging: self.logging,
                     endpoint,
+                    deferred: None,
                 }
                 .run(reloads, finished.clone()),
             );

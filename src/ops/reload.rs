@@ -2,15 +2,15 @@
 //! are read and checked again; a bad config is refused as a whole (every
 //! problem is logged) and the daemon keeps the one it runs with.
 //!
-//! Reloads wait until start-up has reached the database and written the
-//! config's `[subscribers]`. Applied at run time: `log.level` (unless
-//! `RUST_LOG` is set),
+//! Applied at run time: `log.level` (unless `RUST_LOG` is set),
 //! `metrics.listen` (the endpoint moves; if the new address cannot be bound
 //! the old endpoint stays) and `[subscribers]` (written to the database; if
 //! that fails, the database keeps the previous ones and the next reload
-//! tries again). Any other changed key is named in a warning and
-//! takes effect at the next restart: the connection string, the HTTP client
-//! and the delivery policy are built once, at start.
+//! tries again; one read during start-up is written once start-up has
+//! written its own, which would otherwise undo it). Any other changed key
+//! is named in a warning and takes effect at the next restart: the
+//! connection string, the HTTP client and the delivery policy are built
+//! once, at start.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,22 +54,27 @@ pub struct Reloader {
     pub notifier: Notifier,
     pub logging: Option<Logging>,
     pub endpoint: Endpoint,
+    /// `[subscribers]` of a reload read before start-up had written the
+    /// config's: written once it has, so that start-up cannot undo it.
+    pub deferred: Option<Config>,
 }
 
 impl Reloader {
     pub async fn run(mut self, mut reloads: mpsc::Receiver<Reload>, finished: CancellationToken) {
-        // A SIGHUP during start-up is read at once and applied here after
-        // it (a log level change waits for the database with it).
-        tokio::select! {
-            _ = self.state.prepared.cancelled() => {}
-            _ = finished.cancelled() => return,
-        }
+        let prepared = self.state.prepared.clone();
+        let mut starting = !prepared.is_cancelled();
         loop {
             tokio::select! {
                 got = reloads.recv() => match got {
                     Some(reload) => self.apply(reload).await,
                     None => return,
                 },
+                _ = prepared.cancelled(), if starting => {
+                    starting = false;
+                    if let Some(new) = self.deferred.take() {
+                        self.apply_subscribers(&new).await;
+                    }
+                }
                 _ = finished.cancelled() => return,
             }
         }
@@ -144,24 +149,16 @@ impl Reloader {
                 }
             }
         }
-        if new.subscribers.is_none() && self.current.subscribers.is_some() {
-            tracing::warn!(
-                "[subscribers] is gone from the config: its subscribers are left as they are; \
-                 an empty [subscribers] table switches them off"
-            );
-        } else if new.subscribers != self.current.subscribers {
-            match self.sync_subscribers(&new).await {
-                Ok(()) => {
-                    applied.push("subscribers");
-                    self.current.subscribers = new.subscribers.clone();
-                }
-                Err(error) => {
-                    ok = false;
-                    tracing::error!(
-                        error = format!("{error:#}"),
-                        "subscribers: the database keeps the previous ones"
-                    );
-                }
+        if !self.state.prepared.is_cancelled() {
+            if new.subscribers != self.current.subscribers {
+                tracing::info!("[subscribers] changed: written once start-up has written its own");
+                self.deferred = Some(new.clone());
+            }
+        } else {
+            match self.apply_subscribers(&new).await {
+                Some(true) => applied.push("subscribers"),
+                Some(false) => ok = false,
+                None => {}
             }
         }
         let later = needs_restart(&self.current, &new);
@@ -172,12 +169,43 @@ impl Reloader {
         (applied, ok)
     }
 
-    /// Through a connection of its own: reloads are rare, and the
-    /// daemon's tasks each own theirs. The running connection string, not
-    /// the new one, which only a restart applies.
+    /// Writes `new`'s `[subscribers]` if they differ from the running
+    /// ones: `None` if there was nothing to write, else whether it worked.
+    async fn apply_subscribers(&mut self, new: &Config) -> Option<bool> {
+        if new.subscribers.is_none() && self.current.subscribers.is_some() {
+            tracing::warn!(
+                "[subscribers] is gone from the config: its subscribers are left as they are; \
+                 an empty [subscribers] table switches them off"
+            );
+            return None;
+        }
+        if new.subscribers == self.current.subscribers {
+            return None;
+        }
+        match self.sync_subscribers(new).await {
+            Ok(()) => {
+                self.current.subscribers = new.subscribers.clone();
+                Some(true)
+            }
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "subscribers: the database keeps the previous ones"
+                );
+                Some(false)
+            }
+        }
+    }
+
+    /// Through a connection of its own: reloads are rare, and the daemon's
+    /// tasks each own theirs. With the running config but for the
+    /// subscribers: its connection string and its `[security]` (which the
+    /// running delivery client keeps until a restart) judge them.
     async fn sync_subscribers(&self, new: &Config) -> anyhow::Result<()> {
-        let mut client = crate::db::connect(&self.current.database_url.0).await?;
-        crate::db::subscribers::sync_from_config(&mut client, new).await?;
+        let mut running = self.current.clone();
+        running.subscribers = new.subscribers.clone();
+        let mut client = crate::db::connect(&running.database_url.0).await?;
+        crate::db::subscribers::sync_from_config(&mut client, &running).await?;
         Ok(())
     }
 }
