@@ -217,9 +217,19 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
         }
     }
     if let (Some(entries), DatabaseCheck::Skip) = (&config.subscribers, database) {
+        let refused = thorn::db::subscribers::config_url_problems(&config);
+        for (key, messages) in &refused {
+            for message in messages {
+                eprintln!("thorn: bad config: {key}: {message}");
+            }
+        }
+        if !refused.is_empty() {
+            eprintln!("thorn: {} problem(s) in the config", refused.len());
+            return ExitCode::from(64);
+        }
         if !entries.is_empty() {
             println!(
-                "[subscribers]: {} entries, whose fields only the database checks (--database warn)",
+                "[subscribers]: {} entries, whose other fields only the database checks (--database warn)",
                 entries.len()
             );
         }

@@ -436,18 +436,13 @@ pub async fn sync_config(
         .map_err(StoreError::Db)
 }
 
-/// Every problem of the config's subscribers, by `subscribers.<name>.<field>`.
-///
-/// A URL the database accepts must also pass the delivery client's rules
-/// that need no DNS (scheme, port, a literal address the guard refuses), as
-/// in the API: deliveries to it would otherwise all be refused.
+/// Every problem of the config's subscribers, by `subscribers.<name>.<field>`:
+/// the database's, then [`config_url_problems`] for URLs it accepts.
 pub async fn config_problems(
     db: &impl GenericClient,
     config: &Config,
     entries: &BTreeMap<String, ConfigSubscriber>,
 ) -> Result<FieldErrors, tokio_postgres::Error> {
-    // Fails only on an unusable TLS setting, which the daemon refuses anyway.
-    let rules = crate::deliver::client::Client::new(config).ok();
     let mut bad = FieldErrors::new();
     for (name, entry) in entries {
         let wanted = Changes {
@@ -459,17 +454,33 @@ pub async fn config_problems(
             hmac_signer: entry.hmac_signer.clone(),
             ..Changes::default()
         };
-        let found = problems(db, None, &wanted).await?;
-        let url_refused = match (&rules, found.contains_key("url")) {
-            (Some(rules), false) => rules.check_url(&entry.url).err(),
-            _ => None,
-        };
-        for (field, messages) in found {
+        for (field, messages) in problems(db, None, &wanted).await? {
             bad.insert(format!("subscribers.{name}.{field}"), messages);
         }
-        if let Some(message) = url_refused {
-            bad.insert(format!("subscribers.{name}.url"), vec![message]);
-        }
+    }
+    for (key, messages) in config_url_problems(config) {
+        bad.entry(key).or_insert(messages);
     }
     Ok(bad)
+}
+
+/// What the delivery client's rules that need no DNS (scheme, port, a
+/// literal address the guard refuses) say of the config subscribers' URLs,
+/// as the API applies them: deliveries there would all be refused. Needs
+/// no database, so plain `thorn check-config` asks it too.
+pub fn config_url_problems(config: &Config) -> FieldErrors {
+    // Fails only on an unusable TLS setting, which the daemon refuses anyway.
+    let (Some(entries), Ok(rules)) = (
+        &config.subscribers,
+        crate::deliver::client::Client::new(config),
+    ) else {
+        return FieldErrors::new();
+    };
+    entries
+        .iter()
+        .filter_map(|(name, entry)| {
+            let message = rules.check_url(&entry.url).err()?;
+            Some((format!("subscribers.{name}.url"), vec![message]))
+        })
+        .collect()
 }

@@ -346,7 +346,8 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
     daemon.stop_cleanly(WAIT).await;
 
     // A bad entry at start: the daemon does not start, and
-    // `check-config --database` finds it beforehand.
+    // `check-config` finds it beforehand (the URL rules even without the
+    // database).
     let bad = with_subscribers(
         &t.config_text(),
         &[
@@ -355,7 +356,11 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
             ("c", "event = \"x\"\nurl = \"http://10.0.0.5/x\"".to_owned()),
         ],
     );
-    for args in [&["run"][..], &["check-config", "--database", "require"]] {
+    for args in [
+        &["run"][..],
+        &["check-config", "--database", "require"],
+        &["check-config"],
+    ] {
         let mut refused = Process::spawn(&bad, args);
         let status = refused.wait(WAIT).await;
         assert_eq!(status.code(), Some(64), "{args:?}: {}", refused.log());
