@@ -67,7 +67,7 @@ impl Connect for Session {
         let config = config.clone();
         Box::pin(async move {
             let (client, connection) = config.connect(NoTls).await?;
-            let driver = crate::db::drive(connection);
+            let driver = crate::db::drive(connection, None);
             client
                 .batch_execute(&format!(
                     "SET lock_timeout = '{LOCK_TIMEOUT}'; SET statement_timeout = '{STATEMENT_TIMEOUT}'"

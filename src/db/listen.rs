@@ -8,9 +8,7 @@
 
 use std::sync::Arc;
 
-use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
-use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::Backoff;
@@ -30,28 +28,11 @@ pub async fn run(
     let mut backoff = Backoff::new();
     while !shutdown.is_cancelled() {
         match super::connect_raw(&url).await {
-            Ok((client, mut connection)) => {
+            Ok((client, connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 // The connection must be polled for LISTEN to complete, so
                 // drive it before issuing the command.
-                let driver = tokio::spawn(async move {
-                    let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
-                    while let Some(message) = messages.next().await {
-                        match message {
-                            Ok(AsyncMessage::Notification(_)) => {
-                                if tx.send(()).is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(AsyncMessage::Notice(notice)) => super::log_notice(&notice),
-                            Ok(_) => {}
-                            Err(error) => {
-                                tracing::warn!(%error, "listener connection failed");
-                                break;
-                            }
-                        }
-                    }
-                });
+                let driver = super::drive(connection, Some(tx));
                 match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                     Ok(()) => {
                         backoff.reset();
@@ -63,7 +44,10 @@ pub async fn run(
                             tokio::select! {
                                 got = rx.recv() => match got {
                                     Some(()) => wake_all(),
-                                    None => break,
+                                    None => {
+                                        tracing::warn!("listener connection lost; reconnecting");
+                                        break;
+                                    }
                                 },
                                 _ = shutdown.cancelled() => break,
                             }

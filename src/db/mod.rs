@@ -53,19 +53,32 @@ pub async fn connect_raw(url: &str) -> Result<(Client, RawConnection), tokio_pos
 /// Opens a connection driven by a background task.
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = connect_raw(url).await?;
-    drive(connection);
+    drive(connection, None);
     Ok(client)
 }
 
-/// Drives a connection in a task of its own until its client is dropped or
-/// it fails, logging what the server says on it ([`log_notice`]).
-pub fn drive(mut connection: RawConnection) -> tokio::task::JoinHandle<()> {
+/// Drives a connection in a task of its own until its client is dropped,
+/// it fails, or `notifications` (LISTEN's, one `()` each) is closed;
+/// logs what the server says on it ([`log_notice`]).
+pub fn drive(
+    mut connection: RawConnection,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> tokio::task::JoinHandle<()> {
     use futures_util::StreamExt;
+    use tokio_postgres::AsyncMessage;
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(tokio_postgres::AsyncMessage::Notice(notice)) => log_notice(&notice),
+                Ok(AsyncMessage::Notification(_)) => {
+                    if notifications
+                        .as_ref()
+                        .is_some_and(|tx| tx.send(()).is_err())
+                    {
+                        break;
+                    }
+                }
+                Ok(AsyncMessage::Notice(notice)) => log_notice(&notice),
                 Ok(_) => {}
                 Err(error) => {
                     tracing::debug!(%error, "database connection ended");

@@ -150,14 +150,14 @@ fn rejected(error: tokio_postgres::Error) -> StoreError {
     let Some(db) = error.as_db_error() else {
         return StoreError::Db(error);
     };
+    // "thorn.subscriber.url: must be …" → "must be …"
+    let message = db
+        .message()
+        .split_once(": ")
+        .map_or(db.message(), |(_, m)| m);
     if *db.code() == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
         && db.column() == Some("config_name")
     {
-        // "thorn.subscriber.config_name: subscriber … comes from …" → "subscriber …"
-        let message = db
-            .message()
-            .split_once(": ")
-            .map_or(db.message(), |(_, m)| m);
         return StoreError::FromConfig(match db.hint() {
             Some(hint) => format!("{message}. {hint}"),
             None => message.to_owned(),
@@ -173,15 +173,7 @@ fn rejected(error: tokio_postgres::Error) -> StoreError {
             .map(str::to_owned)
     });
     match field {
-        Some(field) => {
-            // "thorn.subscriber.url: must be …" → "must be …"
-            let message = db
-                .message()
-                .split_once(": ")
-                .map_or(db.message(), |(_, m)| m)
-                .to_owned();
-            StoreError::Invalid(FieldErrors::from([(field, vec![message])]))
-        }
+        Some(field) => StoreError::Invalid(FieldErrors::from([(field, vec![message.to_owned()])])),
         None => StoreError::Db(error),
     }
 }

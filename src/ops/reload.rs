@@ -150,9 +150,10 @@ impl Reloader {
             }
         }
         if !self.state.prepared.is_cancelled() {
-            if new.subscribers != self.current.subscribers {
+            // The latest reload's, even if it went back to the start's.
+            self.deferred = (new.subscribers != self.current.subscribers).then(|| new.clone());
+            if self.deferred.is_some() {
                 tracing::info!("[subscribers] changed: written once start-up has written its own");
-                self.deferred = Some(new.clone());
             }
         } else {
             match self.apply_subscribers(&new).await {

@@ -649,7 +649,7 @@ async fn an_api_without_a_token_key_refuses_every_request_and_the_daemon_still_d
 #[tokio::test]
 async fn a_row_locked_elsewhere_is_a_503_and_holds_nobody_up() {
     let t = TestDb::new().await;
-    let api = Call::new(&api_config(&t)).await;
+    let api = std::sync::Arc::new(Call::new(&api_config(&t)).await);
     let (status, created) = api
         .send(
             Method::POST,
@@ -666,17 +666,11 @@ async fn a_row_locked_elsewhere_is_a_503_and_holds_nobody_up() {
         .await
         .expect("row lock");
     let patching = {
-        let (http, url) = (api.http.clone(), api.server.url(&path));
+        let (api, path) = (api.clone(), path.clone());
         tokio::spawn(async move {
-            let response = http
-                .patch(url)
-                .bearer_auth(token("alice"))
-                .json(&json!({"event": "article.created"}))
-                .send()
+            let body = json!({"event": "article.created"});
+            api.send(Method::PATCH, &path, Some("alice"), Some(body))
                 .await
-                .expect("PATCH");
-            let status = response.status();
-            (status, response.json::<Value>().await.expect("JSON"))
         })
     };
     // Let the PATCH reach its UPDATE, which waits for the lock (2 s).

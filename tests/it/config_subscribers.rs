@@ -269,13 +269,11 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
     )
     .await;
 
-    reload(
-        &daemon,
-        &with_subscribers(
-            &t.config_text(),
-            &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
-        ),
+    let both = with_subscribers(
+        &t.config_text(),
+        &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
     );
+    reload(&daemon, &both);
     eventually(
         &db,
         "SELECT count(*) = 2 AND bool_and(url NOT LIKE '%/a') FROM thorn.subscriber
@@ -304,13 +302,7 @@ async fn sighup_applies_subscriber_changes_and_bad_ones_are_refused_by_name() {
          FROM thorn.subscriber WHERE config_name = 'a'",
     )
     .await;
-    reload(
-        &daemon,
-        &with_subscribers(
-            &t.config_text(),
-            &[one("a", &rx.url("/a2")), one("b", &rx.url("/b"))],
-        ),
-    );
+    reload(&daemon, &both);
     eventually(
         &db,
         "SELECT active AND deactivated_reason IS NULL FROM thorn.subscriber WHERE config_name = 'a'",
