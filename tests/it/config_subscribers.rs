@@ -412,3 +412,58 @@ async fn a_reload_during_start_up_is_not_undone_by_it() {
     .await;
     daemon.stop_cleanly(WAIT).await;
 }
+
+/// `[security]` changes only at a restart (the delivery client is built
+/// once), so a reload judges its subscribers' URLs by the running one: an
+/// address that only the new `[security]` allows is refused, since every
+/// delivery there would be, and one that only the new one would refuse is
+/// written and delivered to until the restart.
+#[tokio::test]
+async fn a_reload_judges_subscriber_urls_by_the_running_security() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    article_table(&db).await;
+    let mut rx = Receiver::start().await;
+    let loopback = "allow_networks = [\"127.0.0.0/8\"]";
+    assert!(t.config_text().contains(loopback));
+    let with = |networks: &str, url: &str| {
+        with_subscribers(
+            &t.config_text().replace(loopback, networks),
+            &[("a", format!("event = \"article.*\"\nurl = \"{url}\""))],
+        )
+    };
+    let mut daemon = Process::run(&with(loopback, &rx.url("/a")));
+    eventually(
+        &db,
+        "SELECT count(*) = 1 FROM thorn.subscriber WHERE config_name = 'a'",
+    )
+    .await;
+
+    reload(
+        &daemon,
+        &with(
+            "allow_networks = [\"127.0.0.0/8\", \"10.0.0.0/8\"]",
+            "http://10.0.0.5/x",
+        ),
+    );
+    daemon
+        .wait_for_log(
+            "subscribers.a.url: 10.0.0.5 is not a global address",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(daemon.log().contains("only applied by a restart"));
+    assert_eq!(config_rows(&db).await[0].1, rx.url("/a"), "nothing written");
+
+    reload(&daemon, &with("allow_networks = []", &rx.url("/a2")));
+    eventually(
+        &db,
+        "SELECT url LIKE '%/a2' FROM thorn.subscriber WHERE config_name = 'a'",
+    )
+    .await;
+    db.batch_execute("INSERT INTO article (title) VALUES ('one')")
+        .await
+        .expect("insert");
+    assert_eq!(rx.expect(1, WAIT, QUIET).await[0].path, "/a2");
+    daemon.stop_cleanly(WAIT).await;
+}
