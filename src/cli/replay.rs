@@ -1,7 +1,10 @@
 //! `thorn replay`: delivers stored events to a subscriber again, as new
-//! deliveries (new ids), whether or not they matched it the first time.
-//! Only dispatched events: one still waiting for the dispatcher gets its
-//! deliveries from it, and a replay then would send it twice.
+//! deliveries (new ids), also those it did not get the first time (it was
+//! switched off, or created later). Only events it would receive now, by
+//! its pattern and the sender rule (DESIGN.md §3): a replay must not hand
+//! an owner another's events. Only dispatched events: one still waiting
+//! for the dispatcher gets its deliveries from it, and a replay then would
+//! send it twice.
 
 use std::io::Write;
 use std::time::SystemTime;
@@ -10,6 +13,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::matcher::{self, Matcher, Pattern};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -64,6 +68,16 @@ pub enum ReplayError {
         .0.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
     )]
     UnknownEvents(Vec<i64>),
+    #[error(
+        "event {} is not for subscriber {subscriber}: its name does not match the pattern \
+         {pattern:?}, or its sender is not the subscriber's owner; nothing was replayed",
+        .events.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    NotForSubscriber {
+        events: Vec<i64>,
+        subscriber: Uuid,
+        pattern: String,
+    },
     /// An event of a time range was deleted by retention while its
     /// delivery was being written (the insert's foreign key check waited
     /// for the deletion). Events asked for by id are locked first instead.
@@ -97,19 +111,27 @@ pub async fn replay(
         .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
         .start()
         .await?;
-    let active: Option<bool> = tx
+    let Some(row) = tx
         .query_opt(
-            "SELECT active FROM thorn.subscriber WHERE id = $1 FOR KEY SHARE",
+            "SELECT active, event, owner FROM thorn.subscriber WHERE id = $1 FOR KEY SHARE",
             &[&subscriber],
         )
         .await?
-        .map(|r| r.try_get(0))
-        .transpose()?;
-    match active {
-        None => return Err(ReplayError::UnknownSubscriber(subscriber)),
-        Some(false) => return Err(ReplayError::Inactive(subscriber)),
-        Some(true) => {}
+    else {
+        return Err(ReplayError::UnknownSubscriber(subscriber));
+    };
+    if !row.try_get::<_, bool>(0)? {
+        return Err(ReplayError::Inactive(subscriber));
     }
+    let pattern: String = row.try_get(1)?;
+    let mut matcher = Matcher::new(
+        0,
+        vec![matcher::Subscriber {
+            id: subscriber,
+            pattern: Pattern::parse(&pattern),
+            owner: row.try_get(2)?,
+        }],
+    );
     let ids: Option<&[i64]> = (!events.ids.is_empty()).then_some(&events.ids[..]);
     // Every id asked for must be there, or nothing is replayed: a typo
     // must not look like a success. The lock keeps them there until the
@@ -134,17 +156,45 @@ pub async fn replay(
             return Err(ReplayError::UnknownEvents(missing));
         }
     }
+    // Matched as the dispatcher matches: one rule, in one place.
+    let mut chosen = Vec::new();
+    let mut refused = Vec::new();
+    for r in tx
+        .query(
+            "SELECT e.id, e.name, e.sender FROM thorn.event e
+             WHERE e.dispatched_at IS NOT NULL
+               AND ($1::int8[] IS NULL OR e.id = ANY ($1))
+               AND ($2::timestamptz IS NULL OR e.created_at >= $2)
+               AND ($3::timestamptz IS NULL OR e.created_at < $3)
+             ORDER BY e.id",
+            &[&ids, &events.from, &events.to],
+        )
+        .await?
+    {
+        let (id, name, sender): (i64, &str, Option<&str>) =
+            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        if matcher.recipients(name, sender).is_empty() {
+            refused.push(id);
+        } else {
+            chosen.push(id);
+        }
+    }
+    // Asked for by id, an event not for this subscriber is a mistake to
+    // report; in a time range, it is simply not among its events.
+    if ids.is_some() && !refused.is_empty() {
+        return Err(ReplayError::NotForSubscriber {
+            events: refused,
+            subscriber,
+            pattern,
+        });
+    }
     let created = tx
         .query(
             "INSERT INTO thorn.delivery (id, event_id, subscriber_id)
-             SELECT gen_random_uuid(), e.id, $1 FROM thorn.event e
-             WHERE e.dispatched_at IS NOT NULL
-               AND ($2::int8[] IS NULL OR e.id = ANY ($2))
-               AND ($3::timestamptz IS NULL OR e.created_at >= $3)
-               AND ($4::timestamptz IS NULL OR e.created_at < $4)
-             ORDER BY e.id
+             SELECT gen_random_uuid(), e, $1 FROM unnest($2::int8[]) AS e
+             ORDER BY e
              RETURNING id",
-            &[&subscriber, &ids, &events.from, &events.to],
+            &[&subscriber, &chosen],
         )
         .await
         .map_err(

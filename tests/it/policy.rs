@@ -316,7 +316,7 @@ async fn a_replay_of_an_event_being_pruned_fails_and_says_so() {
     let mut pruner = t.client().await;
     let db = t.client().await;
     item_table(&db).await;
-    let sub = subscribe(&db, "nothing.*", "http://127.0.0.1:9/", None, "secret").await;
+    let sub = subscribe(&db, "item.*", "http://127.0.0.1:9/", None, "secret").await;
     db.batch_execute(
         "INSERT INTO item (n) VALUES (1);
          UPDATE thorn.event SET dispatched_at = now() - interval '1 day'",
@@ -381,6 +381,58 @@ async fn a_replay_of_an_event_being_pruned_fails_and_says_so() {
         .expect("count")
         .get(0);
     assert_eq!(deliveries, 0);
+}
+
+/// A replay hands a subscriber only events it would receive now, by its
+/// pattern and the sender rule: by time, the others are left out; by id,
+/// one of them fails the whole replay, naming it.
+#[tokio::test]
+async fn a_replay_sends_only_what_the_subscriber_would_receive() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    let bob = subscribe(&db, "item.*", "http://127.0.0.1:9/", Some("bob"), "secret").await;
+    let ids: Vec<i64> = db
+        .query(
+            "INSERT INTO thorn.event (name, sender, data, dispatched_at)
+             VALUES ('item.created', 'bob', '{}', now()),
+                    ('item.created', NULL, '{}', now()),
+                    ('item.created', 'alice', '{}', now()),
+                    ('payroll.created', NULL, '{}', now())
+             RETURNING id",
+            &[],
+        )
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    use thorn::cli::replay::{replay, Events};
+    let by_time = Events {
+        from: Some(std::time::SystemTime::UNIX_EPOCH),
+        ..Default::default()
+    };
+    let sent = replay(&mut db, bob, &by_time).await.expect("by time");
+    assert_eq!(sent.len(), 2);
+    let by_id = Events {
+        ids: ids.clone(),
+        ..Default::default()
+    };
+    let error = replay(&mut db, bob, &by_id)
+        .await
+        .expect_err("alice's and the payroll event are not bob's")
+        .to_string();
+    assert!(
+        error.starts_with(&format!("event {}, {} is not for", ids[2], ids[3])),
+        "{error}"
+    );
+    let sent: Vec<i64> = db
+        .query("SELECT event_id FROM thorn.delivery ORDER BY event_id", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sent, ids[..2]);
 }
 
 /// Runs a one-shot `thorn` command against `t`; returns its stdout.
