@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "whsec_secrets",
         include_str!("../../sql/0017_whsec_secrets.sql"),
     ),
+    (
+        18,
+        "config_removed",
+        include_str!("../../sql/0018_config_removed.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

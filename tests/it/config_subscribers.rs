@@ -231,6 +231,34 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
     let moved = audit.expect(1, WAIT, QUIET).await;
     assert_eq!(moved[0].path, "/moved");
     assert!(crm.next(QUIET).await.is_none(), "crm was switched off");
+    // Removed, it stays off until the config has it back: switching it on
+    // by hand would deliver for an entry no config names.
+    let on = http
+        .patch(&path)
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"active": true}))
+        .send()
+        .await
+        .expect("PATCH active");
+    assert_eq!(on.status(), StatusCode::CONFLICT);
+    let body: Value = on.json().await.expect("JSON");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("put it back there"),
+        "{body}"
+    );
+    // Nor can a row still in the config be marked removed by hand (and so
+    // made deletable, to come back with a new id and secret).
+    let message = refusal(
+        &db,
+        "UPDATE thorn.subscriber SET active = false,
+                deactivated_reason = 'removed from thorn''s config'
+         WHERE config_name = 'audit'",
+    )
+    .await;
+    assert!(message.contains("[subscribers.audit]"), "{message}");
     // Removed from the config, it may be deleted.
     let deleted = http
         .delete(&path)
