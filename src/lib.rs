@@ -20,4 +20,5 @@ pub mod ops;
 pub mod payload;
 pub mod receive;
 pub mod retention;
+pub mod serve;
 pub mod sign;

@@ -52,6 +52,14 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body may be at most {limit} bytes"),
+        )
+    }
+
     pub fn invalid(fields: FieldErrors) -> ApiError {
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();
         ApiError {
@@ -82,9 +90,18 @@ impl ApiError {
             return ApiError::unavailable("the database cannot be reached; try again");
         };
         let code = db.code();
-        if [SqlState::LOCK_NOT_AVAILABLE, SqlState::QUERY_CANCELED].contains(code)
-            || code.code().starts_with("08")
-            || code.code().starts_with("57P")
+        // Class 53: out of connections, memory or disk; 40001 and 40P01
+        // lose to a concurrent transaction; all of them pass.
+        if [
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::QUERY_CANCELED,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ]
+        .contains(code)
+            || ["08", "53", "57P"]
+                .iter()
+                .any(|class| code.code().starts_with(class))
         {
             tracing::warn!(
                 code = code.code(),

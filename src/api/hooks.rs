@@ -9,8 +9,10 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::uri::Authority;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -34,18 +36,26 @@ struct View {
     subscription: String,
 }
 
-fn view(api: &Api, headers: &HeaderMap, row: Subscription) -> View {
+/// A subscription's own URL: under `api.public_url`, else under the Host
+/// the request named, if it is a host and port (not markup to echo).
+fn link(api: &Api, headers: &HeaderMap, id: Uuid) -> String {
     let base = match &api.public_url {
         Some(base) => base.trim_end_matches('/').to_owned(),
         None => {
             let host = headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
+                .filter(|h| h.parse::<Authority>().is_ok_and(|a| a.as_str() == *h))
+                .filter(|h| !h.contains('@'))
                 .unwrap_or("localhost");
             format!("http://{host}")
         }
     };
-    let subscription = format!("{base}/hooks/{}/", row.id);
+    format!("{base}/hooks/{id}/")
+}
+
+fn view(api: &Api, headers: &HeaderMap, row: Subscription) -> View {
+    let subscription = link(api, headers, row.id);
     View {
         user: row.owner.clone(),
         row,
@@ -129,6 +139,10 @@ fn parse_body(
     // events without a sender).
     match object.get("owner") {
         None => {}
+        Some(Value::String(s)) if s.is_empty() || s.contains('\0') => problem(
+            "owner",
+            "must be a name: not empty, without the NUL character",
+        ),
         Some(Value::String(s)) if *s == caller.owner => changes.owner = Some(Some(s.clone())),
         Some(Value::String(s)) if caller.admin => changes.owner = Some(Some(s.clone())),
         Some(Value::Null) if caller.admin => changes.owner = Some(None),
@@ -175,27 +189,74 @@ async fn validate(
     }
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    // Only the hyphenated form, as in the URLs this API hands out.
-    match Uuid::try_parse(raw) {
-        Ok(id) if raw.len() == 36 => Ok(id),
-        _ => Err(ApiError::not_found()),
+/// The caller, from the request's token: extracted before anything else,
+/// so that nobody without a valid token gets a body read or an id judged.
+impl FromRequestParts<Arc<Api>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Caller, ApiError> {
+        api.auth.caller(&parts.headers)
+    }
+}
+
+/// The `{id}` of an item route. Only the hyphenated form, as in the URLs
+/// this API hands out; anything else (not even UTF-8) is a 404 like an
+/// unknown id.
+pub struct Id(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Id, ApiError> {
+        let Ok(Path(raw)) = Path::<String>::from_request_parts(parts, state).await else {
+            return Err(ApiError::not_found());
+        };
+        match Uuid::try_parse(&raw) {
+            Ok(id) if raw.len() == 36 => Ok(Id(id)),
+            _ => Err(ApiError::not_found()),
+        }
+    }
+}
+
+/// A subscription is a few short fields: far below this.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The request body, read (after the token and the id) up to [`MAX_BODY`].
+pub struct Body64k(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body64k {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Body64k, ApiError> {
+        let body: Body = request.into_body();
+        match axum::body::to_bytes(body, MAX_BODY).await {
+            Ok(bytes) => Ok(Body64k(bytes)),
+            Err(error) => {
+                let too_large = std::error::Error::source(&error)
+                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+                Err(if too_large {
+                    ApiError::too_large(MAX_BODY)
+                } else {
+                    ApiError::bad_request("the request body could not be read")
+                })
+            }
+        }
     }
 }
 
 pub async fn create(
     State(api): State<Arc<Api>>,
+    caller: Caller,
     headers: HeaderMap,
-    body: Bytes,
+    Body64k(body): Body64k,
 ) -> Result<Response, ApiError> {
-    let caller = api.auth.caller(&headers)?;
     let (changes, errors) = parse_body(&body, Mode::Create, &caller)?;
     let url_problem = url_problem(&api, &changes).await;
     let db = api.db().await?;
     validate(&db, None, &changes, errors, url_problem).await?;
     let row = subscribers::insert(&**db, &changes).await?;
     tracing::info!(subscriber = %row.id, owner = ?row.owner, event = %row.event, "subscribed through the API");
-    let location = format!("/hooks/{}/", row.id);
+    let location = link(&api, &headers, row.id);
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
@@ -204,8 +265,11 @@ pub async fn create(
         .into_response())
 }
 
-pub async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = api.auth.caller(&headers)?;
+pub async fn list(
+    State(api): State<Arc<Api>>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let db = api.db().await?;
     let rows = subscribers::list(&**db, caller.scope()).await?;
     let views: Vec<View> = rows.into_iter().map(|r| view(&api, &headers, r)).collect();
@@ -214,11 +278,10 @@ pub async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Res
 
 pub async fn show(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    caller: Caller,
+    Id(id): Id,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = api.auth.caller(&headers)?;
-    let id = parse_id(&id)?;
     let db = api.db().await?;
     let row = subscribers::get(&**db, id, caller.scope())
         .await?
@@ -228,13 +291,12 @@ pub async fn show(
 
 async fn change(
     api: &Api,
-    id: &str,
+    caller: Caller,
+    id: Uuid,
     headers: &HeaderMap,
     body: &[u8],
     mode: Mode,
 ) -> Result<Response, ApiError> {
-    let caller = api.auth.caller(headers)?;
-    let id = parse_id(id)?;
     // Existence first: another owner's id is a 404 even with a bad body.
     let current = subscribers::get(&**api.db().await?, id, caller.scope())
         .await?
@@ -251,29 +313,29 @@ async fn change(
 
 pub async fn replace(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    caller: Caller,
+    Id(id): Id,
     headers: HeaderMap,
-    body: Bytes,
+    Body64k(body): Body64k,
 ) -> Result<Response, ApiError> {
-    change(&api, &id, &headers, &body, Mode::Replace).await
+    change(&api, caller, id, &headers, &body, Mode::Replace).await
 }
 
 pub async fn patch(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
+    caller: Caller,
+    Id(id): Id,
     headers: HeaderMap,
-    body: Bytes,
+    Body64k(body): Body64k,
 ) -> Result<Response, ApiError> {
-    change(&api, &id, &headers, &body, Mode::Patch).await
+    change(&api, caller, id, &headers, &body, Mode::Patch).await
 }
 
 pub async fn remove(
     State(api): State<Arc<Api>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
+    Id(id): Id,
 ) -> Result<Response, ApiError> {
-    let caller = api.auth.caller(&headers)?;
-    let id = parse_id(&id)?;
     let db = api.db().await?;
     if !subscribers::delete(&**db, id, caller.scope()).await? {
         return Err(ApiError::not_found());

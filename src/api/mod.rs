@@ -176,9 +176,6 @@ pub async fn serve(
     api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = router(Arc::new(api));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    crate::serve::serve(listener, router(Arc::new(api)), shutdown).await;
     Ok(())
 }

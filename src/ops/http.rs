@@ -76,14 +76,7 @@ impl Endpoint {
         let stop = self.finished.child_token();
         let app = router(self.state.clone());
         let until = stop.clone();
-        tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { until.cancelled().await })
-                .await
-            {
-                tracing::warn!(%error, "the metrics endpoint failed");
-            }
-        });
+        tokio::spawn(crate::serve::serve(listener, app, until));
         tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
         self.addr = Some(addr);
         self.server = Some(stop);

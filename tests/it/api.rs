@@ -388,6 +388,7 @@ async fn malformed_ids_are_404_never_500() {
         "123",
         "00000000-0000-0000-0000-00000000000g",
         "%00",
+        "%FF",
         "%27%20OR%201=1--",
         "{00000000-0000-0000-0000-000000000000}",
         "00000000000000000000000000000000",
@@ -694,4 +695,147 @@ async fn a_row_locked_elsewhere_is_a_503_and_holds_nobody_up() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Sends `request` on a new connection; returns the status code of the
+/// answer and its body (the connection is closed by the server or after
+/// the answer's Content-Length), or None if the server closed it unanswered.
+async fn raw(base: &str, request: &[u8]) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket.write_all(request).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut buf).await.unwrap_or(0);
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|l| l.trim().parse::<usize>().ok());
+            if n == 0 || length.is_some_and(|l| body.len() >= l) {
+                let status = head.split(' ').nth(1)?.parse().ok()?;
+                return Some((status, body.to_owned()));
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+    }
+}
+
+/// The API faces whoever reaches it and runs in the delivering process, so
+/// clients cannot hold it: no token, no body read; bodies are bounded;
+/// idle and slow connections are closed; connections are capped.
+#[tokio::test]
+async fn clients_cannot_hold_the_api() {
+    use thorn::serve::{HEADER_TIMEOUT, MAX_CONNECTIONS, REQUEST_TIMEOUT};
+    use tokio::io::AsyncWriteExt;
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    let base = api.server.base.clone();
+    let bearer = format!("Authorization: Bearer {}\r\n", token("alice"));
+
+    // Without a token, a 401 at once: the announced body is never waited for.
+    let (status, body) = raw(
+        &base,
+        b"POST /hooks/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n{",
+    )
+    .await
+    .expect("answered");
+    assert_eq!(status, 401, "{body}");
+    // A bad id, not even UTF-8: 401 without a token, 404 with one.
+    let bad_id = |auth: &str| {
+        format!("GET /hooks/%FF/ HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+    };
+    assert_eq!(
+        raw(&base, bad_id("").as_bytes()).await.map(|a| a.0),
+        Some(401)
+    );
+    let (status, body) = raw(&base, bad_id(&bearer).as_bytes())
+        .await
+        .expect("answered");
+    assert_eq!(status, 404);
+    error_fields(&serde_json::from_str(&body).expect("JSON"), "not_found");
+    // Too large: a 413 in the API's shape.
+    let big = format!(
+        "POST /hooks/ HTTP/1.1\r\nHost: x\r\n{bearer}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{\"event\": \"{}\"}}",
+        thorn::api::hooks::MAX_BODY + 20,
+        "a".repeat(thorn::api::hooks::MAX_BODY + 7)
+    );
+    let (status, body) = raw(&base, big.as_bytes()).await.expect("answered");
+    assert_eq!(status, 413, "{body}");
+    error_fields(&serde_json::from_str(&body).expect("JSON"), "too_large");
+    // A Host that is not a host is not echoed into the subscription's link.
+    let json = r#"{"event": "a.b", "url": "https://example.com/"}"#;
+    let (status, body) = raw(
+        &base,
+        format!(
+            "POST /hooks/ HTTP/1.1\r\nHost: evil\"><script>\r\n{bearer}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+            json.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(status, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        created["subscription"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("http://localhost/hooks/"),
+        "{created}"
+    );
+
+    // An idle connection, and one whose body stalls, are closed.
+    let idle = async {
+        let started = std::time::Instant::now();
+        assert!(
+            raw(&base, b"").await.is_none(),
+            "an idle connection is closed unanswered"
+        );
+        assert!(started.elapsed() >= HEADER_TIMEOUT / 2);
+    };
+    let stalled = async {
+        let request = format!(
+            "PATCH /hooks/{}/ HTTP/1.1\r\nHost: x\r\n{bearer}Content-Length: 100\r\n\r\n{{",
+            created["id"].as_str().expect("id")
+        );
+        let started = std::time::Instant::now();
+        let (status, body) = raw(&base, request.as_bytes()).await.expect("answered");
+        assert_eq!(status, 408, "{body}");
+        error_fields(&serde_json::from_str(&body).expect("JSON"), "timeout");
+        assert!(started.elapsed() >= REQUEST_TIMEOUT / 2);
+    };
+    tokio::join!(idle, stalled);
+
+    // At the cap, a new connection waits until one ends.
+    let addr = base.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut socket = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        // Half a request line, so that each is surely accepted and served.
+        socket.write_all(b"GET").await.expect("write");
+        held.push(socket);
+    }
+    let list = format!("GET /hooks/ HTTP/1.1\r\nHost: x\r\n{bearer}Connection: close\r\n\r\n");
+    let waiting = tokio::spawn({
+        let base = base.clone();
+        async move { raw(&base, list.as_bytes()).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "answered beyond the cap");
+    drop(held);
+    let (status, _) = waiting.await.expect("task").expect("answered");
+    assert_eq!(status, 200);
 }
