@@ -58,7 +58,7 @@ pub async fn prepare_database(
              are not captured; annotate their parent again (thorn.webhook_model) so its tree follows"
         ),
         Ok(_) => {}
-        Err(error) => tracing::debug!(%error, "cannot check partition trees"),
+        Err(error) => tracing::debug!(error = %crate::db::Why(&error), "cannot check partition trees"),
     }
     subscribers::sync_from_config(&mut client, config)
         .await
@@ -251,7 +251,7 @@ async fn release_unfinished(url: &str, unfinished: &[(uuid::Uuid, std::time::Sys
             "deliveries unfinished at shutdown were released"
         ),
         Err(error) => tracing::warn!(
-            %error,
+            error = %crate::db::Why(&error),
             unfinished = unfinished.len(),
             "could not release unfinished deliveries; they are sent again when their leases expire"
         ),

@@ -80,12 +80,13 @@ fn main() -> ExitCode {
     if let Command::CheckConfig { database } = cli.command {
         return check_config(cli.config.as_deref(), database);
     }
+    // `sign` and `receive` do without the daemon's config (its defaults
+    // serve their logging): a bad one must not stop a signature check.
+    let needs_config = !matches!(cli.command, Command::Sign(_) | Command::Receive { .. });
     let config = match load_config(cli.config.as_deref()) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("thorn: bad config: {error:#}");
-            return ExitCode::from(64);
-        }
+        Err(problems) if needs_config => return bad_config(&problems),
+        Err(_) => Config::load(None, &HashMap::new()).expect("the defaults are valid"),
     };
     let rust_log = std::env::var("RUST_LOG").ok();
     let logging = thorn::ops::logging::Logging::init(&config.log, rust_log.as_deref());
@@ -104,19 +105,44 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("thorn: {error:#}");
             // A `[subscribers]` entry the database refuses is a bad config
-            // too: exit 64, which systemd does not restart.
-            let bad_config = error
-                .chain()
-                .any(|cause| cause.is::<thorn::daemon::ConfigRefused>());
-            ExitCode::from(if bad_config { 64 } else { 1 })
+            // too: exit 64; a schema newer than this binary, 65. Neither
+            // goes away by restarting, and systemd does not restart them.
+            let chain = || error.chain();
+            if chain().any(|cause| cause.is::<thorn::daemon::ConfigRefused>()) {
+                ExitCode::from(64)
+            } else if chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref(),
+                    Some(thorn::db::migrate::MigrateError::TooNew { .. })
+                )
+            }) {
+                ExitCode::from(SCHEMA_TOO_NEW)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-/// Reads the named file (or the default one if present) and the environment.
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    let text = read_config_text(path)?;
-    Ok(Config::load(text.as_deref(), &config_env())?)
+/// The exit status when the database's schema is newer than this binary
+/// (EX_DATAERR): an older thorn after an upgrade elsewhere.
+const SCHEMA_TOO_NEW: u8 = 65;
+
+/// Reads the named file (or the default one if present) and the
+/// environment; on failure, every problem found.
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, Vec<String>> {
+    let text = read_config_text(path).map_err(|e| vec![format!("{e:#}")])?;
+    thorn::ops::check::check(text.as_deref(), &config_env())
+        .map_err(|problems| problems.iter().map(ToString::to_string).collect())
+}
+
+/// Prints every problem; exit 64 (EX_USAGE), which systemd does not restart.
+fn bad_config(problems: &[impl std::fmt::Display]) -> ExitCode {
+    for problem in problems {
+        eprintln!("thorn: bad config: {problem}");
+    }
+    eprintln!("thorn: {} problem(s) in the config", problems.len());
+    ExitCode::from(64)
 }
 
 /// The environment the config reads: everything but the variables the
@@ -157,22 +183,9 @@ fn read_config_text(path: Option<&std::path::Path>) -> anyhow::Result<Option<Str
 
 /// `thorn check-config`: every problem on standard error, exit 64 if any.
 fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> ExitCode {
-    let text = match read_config_text(path) {
-        Ok(text) => text,
-        Err(error) => {
-            eprintln!("thorn: bad config: {error:#}");
-            return ExitCode::from(64);
-        }
-    };
-    let config = match thorn::ops::check::check(text.as_deref(), &config_env()) {
+    let config = match load_config(path) {
         Ok(config) => config,
-        Err(problems) => {
-            for problem in &problems {
-                eprintln!("thorn: bad config: {problem}");
-            }
-            eprintln!("thorn: {} problem(s) in the config", problems.len());
-            return ExitCode::from(64);
-        }
+        Err(problems) => return bad_config(&problems),
     };
     if database != DatabaseCheck::Skip {
         use thorn::ops::check::Reachable;
@@ -187,13 +200,15 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
             });
         match reached {
             Ok(Reachable::Yes { subscribers, .. }) if !subscribers.is_empty() => {
-                for problem in &subscribers {
-                    eprintln!("thorn: bad config: {problem}");
-                }
-                eprintln!("thorn: {} problem(s) in the config", subscribers.len());
-                return ExitCode::from(64);
+                return bad_config(&subscribers);
             }
-            Ok(Reachable::Yes { schema, latest, .. }) if schema >= latest => {
+            Ok(Reachable::Yes { schema, latest, .. }) if schema > latest => {
+                eprintln!(
+                    "thorn: error: the database is at schema version {schema}, newer than this thorn knows ({latest}); upgrade thorn"
+                );
+                return ExitCode::from(SCHEMA_TOO_NEW);
+            }
+            Ok(Reachable::Yes { schema, latest, .. }) if schema == latest => {
                 println!("database reachable; schema current (version {schema})");
             }
             Ok(Reachable::Yes { schema, latest, .. }) => println!(
@@ -276,11 +291,7 @@ async fn run(
             Ok(())
         }
         Command::Run => {
-            let reloads = thorn::ops::reload::on_sighup(move || {
-                let text = read_config_text(path.as_deref()).map_err(|e| vec![format!("{e:#}")])?;
-                thorn::ops::check::check(text.as_deref(), &config_env())
-                    .map_err(|problems| problems.iter().map(ToString::to_string).collect())
-            })?;
+            let reloads = thorn::ops::reload::on_sighup(move || load_config(path.as_deref()))?;
             let ops = thorn::ops::Ops {
                 notifier: thorn::ops::Notifier::from_env(),
                 metrics_listener: None,

@@ -39,7 +39,7 @@ pub async fn run(url: String, settings: Retention, shutdown: CancellationToken) 
             Ok(p) if p != Pruned::default() => tracing::info!(?p, "pruned old rows"),
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(%error, "pruning failed; retrying next interval");
+                tracing::warn!(error = %crate::db::Why(&error), "pruning failed; retrying next interval");
                 client = None;
             }
         }

@@ -86,7 +86,7 @@ impl ApiError {
     fn database(error: &tokio_postgres::Error) -> ApiError {
         use tokio_postgres::error::SqlState;
         let Some(db) = error.as_db_error() else {
-            tracing::warn!(%error, "api request failed: the database cannot be reached");
+            tracing::warn!(error = %crate::db::Why(error), "api request failed: the database cannot be reached");
             return ApiError::unavailable("the database cannot be reached; try again");
         };
         let code = db.code();

@@ -54,11 +54,13 @@ pub async fn run(
                         }
                         listening.store(false, Ordering::SeqCst);
                     }
-                    Err(error) => tracing::warn!(%error, "LISTEN failed"),
+                    Err(error) => tracing::warn!(error = %crate::db::Why(&error), "LISTEN failed"),
                 }
                 driver.abort();
             }
-            Err(error) => tracing::warn!(%error, "listener cannot reach the database; retrying"),
+            Err(error) => {
+                tracing::warn!(error = %crate::db::Why(&error), "listener cannot reach the database; retrying")
+            }
         }
         if shutdown.is_cancelled() {
             break;

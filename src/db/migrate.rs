@@ -86,8 +86,39 @@ pub enum MigrateError {
     },
     #[error("the database is at schema version {found}, newer than this thorn knows ({known}); upgrade thorn")]
     TooNew { found: i32, known: i32 },
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
+}
+
+/// What the migrations need of the server: PostgreSQL 13 (`xid8`,
+/// `pg_current_xact_id`, `gen_random_uuid`) and a UTF8 database (thorn's
+/// SQL and every payload are UTF-8). Said plainly here, where it would
+/// otherwise be a migration's raw SQL error.
+async fn check_server(client: &Client) -> Result<(), MigrateError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int,
+                    current_setting('server_version'),
+                    pg_encoding_to_char(encoding)
+             FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    let (number, version, encoding): (i32, String, String) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    if number < 130000 {
+        return Err(MigrateError::Unsupported(format!(
+            "thorn needs PostgreSQL 13 or later; this server is {version}"
+        )));
+    }
+    if encoding != "UTF8" {
+        return Err(MigrateError::Unsupported(format!(
+            "thorn needs a database in UTF8; this one is in {encoding} (CREATE DATABASE … ENCODING 'UTF8' TEMPLATE template0)"
+        )));
+    }
+    Ok(())
 }
 
 /// The newest schema version this binary carries.
@@ -102,6 +133,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
     if missing(&applied_versions(client).await?)?.is_empty() {
         return Ok(Vec::new());
     }
+    check_server(client).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;

@@ -81,7 +81,7 @@ pub fn drive(
                 Ok(AsyncMessage::Notice(notice)) => log_notice(&notice),
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::debug!(%error, "database connection ended");
+                    tracing::debug!(error = %crate::db::Why(&error), "database connection ended");
                     break;
                 }
             }
@@ -167,14 +167,35 @@ impl Default for Backoff {
     }
 }
 
+/// A database error for the log, with its cause: tokio-postgres shows
+/// only its kind ("db error", "error connecting to server"), and the
+/// server's reason, with its SQLSTATE, or the I/O error is its source.
+pub struct Why<'a>(pub &'a tokio_postgres::Error);
+
+impl std::fmt::Display for Why<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            // The server's DETAIL and HINT come on lines of their own.
+            write!(f, ": {}", cause.to_string().replace('\n', "; "))?;
+            source = cause.source();
+        }
+        if let Some(code) = self.0.code() {
+            write!(f, " (SQLSTATE {})", code.code())?;
+        }
+        Ok(())
+    }
+}
+
 /// Says why a task's session ended on `error` before the task starts over
 /// on a new connection: the connection was lost, or the server refused a
 /// statement (a deadlock with another session, say).
 pub fn warn_restart(task: &str, error: &tokio_postgres::Error) {
     if error.code().is_some() {
-        tracing::warn!(%error, task, "the database refused a statement; starting over on a new connection");
+        tracing::warn!(error = %crate::db::Why(&error), task, "the database refused a statement; starting over on a new connection");
     } else {
-        tracing::warn!(%error, task, "lost the database connection; reconnecting");
+        tracing::warn!(error = %crate::db::Why(&error), task, "lost the database connection; reconnecting");
     }
 }
 
@@ -191,7 +212,7 @@ pub async fn connect_retrying(
             Ok(client) => return Some(client),
             Err(error) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(task, %error, retry_in = ?delay, "cannot reach the database; retrying");
+                tracing::warn!(task, error = %crate::db::Why(&error), retry_in = ?delay, "cannot reach the database; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return None,

@@ -67,7 +67,7 @@ pub async fn run(
         let statements = match queue::Statements::prepare(&client).await {
             Ok(s) => s,
             Err(error) => {
-                tracing::warn!(%error, "completer cannot prepare its statements");
+                tracing::warn!(error = %crate::db::Why(&error), "completer cannot prepare its statements");
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
@@ -93,7 +93,7 @@ pub async fn run(
             let writing = write(&client, &statements, &batch, &mut parts, &mut unwritten);
             if let Err(error) = writing.await {
                 let pending: usize = parts.iter().map(|p| p.len()).sum();
-                tracing::warn!(%error, pending, "cannot record outcomes; reconnecting");
+                tracing::warn!(error = %crate::db::Why(&error), pending, "cannot record outcomes; reconnecting");
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue 'connect;
             }
@@ -102,7 +102,7 @@ pub async fn run(
                 update_subscribers(&client, &statements, &batch, disable_after).await
             {
                 // The outcomes are written; only the bookkeeping is missing.
-                tracing::warn!(%error, "cannot update subscriber health");
+                tracing::warn!(error = %crate::db::Why(&error), "cannot update subscriber health");
                 if lost(&client, &error) {
                     batch.clear();
                     continue 'connect;
@@ -156,7 +156,7 @@ async fn write(
         tries += 1;
         let for_good = !transient(&error);
         if !for_good && tries < TRIES {
-            tracing::warn!(%error, pending = part.len(), "outcomes refused for now; writing them again");
+            tracing::warn!(error = %crate::db::Why(&error), pending = part.len(), "outcomes refused for now; writing them again");
             parts.push(part);
             tokio::time::sleep(backoff.next_delay()).await;
             continue;
@@ -196,11 +196,9 @@ impl Unwritten {
             );
         }
         if let Some(error) = self.error {
-            // The server's message, not only "db error".
-            let error = format!("{:#}", anyhow::Error::from(error));
             let some: Vec<&Uuid> = self.refused.iter().take(10).collect();
             tracing::error!(
-                %error,
+                error = %crate::db::Why(&error),
                 dropped = self.refused.len(),
                 deliveries = ?some,
                 "the database refused delivery outcomes; their leases bring the deliveries back"

@@ -1,6 +1,16 @@
 //! Logging: `tracing` to standard error, plain (journald adds the time and
 //! the unit) or JSON, filtered by `RUST_LOG` when set, else by `log.level`.
 //! The filter can be swapped at run time (SIGHUP); the format cannot.
+//! Colours only on a terminal. Under journald, plain lines start with their
+//! syslog priority (`<4>` for a warning), which journald takes as the
+//! entry's priority, so `journalctl -p warning` finds them.
+
+use std::io::IsTerminal;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
@@ -26,11 +36,15 @@ impl Logging {
             None => EnvFilter::new(&log.level),
         };
         let (filter, handle) = reload::Layer::new(filter);
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
         let fmt = match log.format {
             LogFormat::Json => fmt.json().boxed(),
             // journald stamps every line; the time would be said twice.
-            LogFormat::Plain if under_journald() => fmt.without_time().boxed(),
+            LogFormat::Plain if under_journald() => fmt
+                .event_format(Priority(tracing_subscriber::fmt::format().without_time()))
+                .boxed(),
             LogFormat::Plain => fmt.boxed(),
         };
         // `try_init` so a second call (tests) leaves the first subscriber.
@@ -61,6 +75,32 @@ fn driver_cap() -> Targets {
         .with_target("tokio_postgres", LevelFilter::INFO)
 }
 
+/// Puts the event's syslog priority before the line (sd-daemon(3)).
+struct Priority<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Priority<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
 /// systemd sets `JOURNAL_STREAM` when standard error goes to the journal.
 fn under_journald() -> bool {
     std::env::var_os("JOURNAL_STREAM").is_some()
@@ -69,6 +109,41 @@ fn under_journald() -> bool {
 #[cfg(test)]
 mod tests {
     use tracing::Level;
+
+    #[test]
+    fn journald_lines_start_with_their_priority() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = lines.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .event_format(super::Priority(
+                tracing_subscriber::fmt::format().without_time(),
+            ));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!("broken");
+            tracing::warn!("odd");
+            tracing::info!("fine");
+        });
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        let starts: Vec<&str> = text.lines().map(|l| &l[..3]).collect();
+        assert_eq!(starts, ["<3>", "<4>", "<6>"], "{text}");
+    }
+
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     #[test]
     fn the_database_driver_never_logs_below_info() {

@@ -96,7 +96,7 @@ impl Monitor {
             *client = match tokio::time::timeout(QUERY_TIMEOUT, db::connect(&self.url)).await {
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, "monitor cannot reach the database");
+                    tracing::debug!(error = %crate::db::Why(&error), "monitor cannot reach the database");
                     None
                 }
                 Err(_) => None,
@@ -107,7 +107,7 @@ impl Monitor {
         let row = match result {
             Ok(Ok(row)) => row,
             Ok(Err(error)) => {
-                tracing::debug!(%error, "monitor query failed");
+                tracing::debug!(error = %crate::db::Why(&error), "monitor query failed");
                 *client = None;
                 return None;
             }

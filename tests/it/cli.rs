@@ -132,3 +132,84 @@ async fn subscriber_commands_manage_the_table() {
         assert!(err.contains(field), "{field} in {err}");
     }
 }
+
+/// Runs the binary with `env` added to a config of the database URL alone.
+async fn thorn_with(url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_thorn"))
+        .args(args)
+        .env("THORN_CONFIG", "/dev/null")
+        .env("THORN_DATABASE_URL", url)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run thorn");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// What systemd must not restart exits with its own status and says why:
+/// a bad config (64, every problem listed, by `run` too), a schema newer
+/// than the binary (65, which `check-config --database` finds beforehand);
+/// a server thorn cannot use is named. `sign` needs no config.
+#[tokio::test]
+async fn failures_a_restart_cannot_fix_are_named_and_exit_apart() {
+    let bad = [
+        ("THORN_DELIVERY__TIMEOUT", "soon"),
+        ("THORN_DISPATCH__BATCH_SIZE", "-1"),
+    ];
+    let t = TestDb::new().await;
+    let (code, out) = thorn_with(&t.url, &bad, &["run"]).await;
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("delivery.timeout") && out.contains("dispatch.batch_size"),
+        "{out}"
+    );
+    let (code, out) = thorn_with(
+        &t.url,
+        &bad,
+        &[
+            "sign",
+            "--secret",
+            "secret",
+            "--timestamp",
+            "1",
+            "/dev/null",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Hook-HMAC"), "{out}");
+
+    let db = t.client().await;
+    db.execute(
+        "INSERT INTO thorn.migration (version, name) VALUES ($1, 'from a newer thorn')",
+        &[&(thorn::db::migrate::latest() + 1)],
+    )
+    .await
+    .expect("a newer schema");
+    for args in [
+        &["check-config", "--database", "require"][..],
+        &["migrate"],
+        &["run"],
+    ] {
+        let (code, out) = thorn_with(&t.url, &[], args).await;
+        assert_eq!(code, 65, "{args:?}: {out}");
+        assert!(
+            out.contains("newer than this thorn knows"),
+            "{args:?}: {out}"
+        );
+    }
+
+    let latin1 =
+        TestDb::empty_with("ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+            .await;
+    let (code, out) = thorn_with(&latin1.url, &[], &["migrate"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("thorn needs a database in UTF8; this one is in LATIN1"),
+        "{out}"
+    );
+}

@@ -588,10 +588,15 @@ impl Drop for RawServer {
 impl TestDb {
     /// A database created for one test but not migrated (dropped afterwards).
     pub async fn empty() -> TestDb {
+        TestDb::empty_with("").await
+    }
+
+    /// An empty database made with CREATE DATABASE's `options`.
+    pub async fn empty_with(options: &str) -> TestDb {
         let name = format!("thorn_test_{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&base_url()).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .expect("create the test database");
         TestDb {
