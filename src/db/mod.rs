@@ -193,9 +193,9 @@ impl std::fmt::Display for Why<'_> {
 /// statement (a deadlock with another session, say).
 pub fn warn_restart(task: &str, error: &tokio_postgres::Error) {
     if error.code().is_some() {
-        tracing::warn!(error = %crate::db::Why(&error), task, "the database refused a statement; starting over on a new connection");
+        tracing::warn!(error = %crate::db::Why(error), task, "the database refused a statement; starting over on a new connection");
     } else {
-        tracing::warn!(error = %crate::db::Why(&error), task, "lost the database connection; reconnecting");
+        tracing::warn!(error = %crate::db::Why(error), task, "lost the database connection; reconnecting");
     }
 }
 
