@@ -128,7 +128,7 @@ mod tests {
             tracing::warn!("odd");
             tracing::info!("fine");
         });
-        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(lines.lock().expect("lock").clone()).expect("UTF-8");
         let starts: Vec<&str> = text.lines().map(|l| &l[..3]).collect();
         assert_eq!(starts, ["<3>", "<4>", "<6>"], "{text}");
     }
@@ -137,7 +137,7 @@ mod tests {
 
     impl std::io::Write for Sink {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0.lock().expect("lock").extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
