@@ -93,7 +93,7 @@ impl Monitor {
 
     async fn backlog(&self, client: &mut Option<Client>) -> Option<Backlog> {
         if !matches!(client, Some(c) if !c.is_closed()) {
-            *client = match tokio::time::timeout(QUERY_TIMEOUT, db::connect(&self.url)).await {
+            *client = match tokio::time::timeout(QUERY_TIMEOUT, session(&self.url)).await {
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(error)) => {
                     tracing::debug!(error = %crate::db::Why(&error), "monitor cannot reach the database");
@@ -107,12 +107,25 @@ impl Monitor {
         let row = match result {
             Ok(Ok(row)) => row,
             Ok(Err(error)) => {
-                tracing::debug!(error = %crate::db::Why(&error), "monitor query failed");
+                tracing::warn!(error = %crate::db::Why(&error), "the monitor's backlog query failed");
                 *client = None;
                 return None;
             }
             Err(_) => {
-                *client = None;
+                // Blocked (a lock on thorn's tables) or overloaded. The
+                // server ends the query itself (statement_timeout); the
+                // cancel makes sure, so that no backend is left behind
+                // when the next round connects anew.
+                tracing::warn!(
+                    timeout = ?QUERY_TIMEOUT,
+                    "the database did not answer the monitor in time: locked or overloaded"
+                );
+                if let Some(c) = client.take() {
+                    let cancel = c.cancel_token();
+                    tokio::spawn(async move {
+                        let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                    });
+                }
                 return None;
             }
         };
@@ -133,6 +146,19 @@ impl Monitor {
             events_above_horizon: (count(0) - count(8)).max(0),
         })
     }
+}
+
+/// The monitor's session: its statements end on the server too when they
+/// take longer than the monitor waits.
+async fn session(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let client = db::connect(url).await?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {}",
+            QUERY_TIMEOUT.as_millis()
+        ))
+        .await?;
+    Ok(client)
 }
 
 fn status_line(state: &State, backlog: Option<&Backlog>, problems: &[String]) -> String {

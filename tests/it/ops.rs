@@ -715,3 +715,51 @@ async fn server_warnings_are_logged_as_warnings() {
         "{text}"
     );
 }
+
+/// A lock on thorn's tables blocks the monitor's backlog query past its
+/// timeout. The query must end on the server too: a monitor that only gave
+/// up on it and connected anew left one blocked backend behind every round,
+/// enough to use up `max_connections` under a long lock.
+#[tokio::test]
+async fn a_blocked_monitor_query_leaves_no_backend_behind() {
+    let t = TestDb::new().await;
+    let mut locker = t.client().await;
+    let db = t.client().await;
+    let daemon = Daemon::start_with(
+        t.config(),
+        thorn::ops::Ops {
+            monitor_interval: Some(Duration::from_millis(200)),
+            ..Default::default()
+        },
+    );
+    let monitor_queries = "SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()
+          AND query LIKE '%pg_sequence_last_value(pg_get_serial_sequence(%'";
+    crate::support::eventually(
+        &db,
+        "SELECT count(*) > 0 FROM pg_stat_activity
+         WHERE datname = current_database() AND query = 'LISTEN thorn'",
+    )
+    .await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE thorn.delivery IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // Three monitor timeouts (5 s each) and more.
+    let until = Instant::now() + Duration::from_secs(16);
+    let mut most = 0;
+    while Instant::now() < until {
+        let blocked: i64 = db
+            .query_one(monitor_queries, &[])
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        most = most.max(blocked);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    lock.rollback().await.expect("release");
+    assert!(most >= 1, "the monitor's query was never seen blocked");
+    // One blocked at a time; two only while a cancel is on its way.
+    assert!(most <= 2, "{most} monitor queries blocked at once");
+    daemon.stop().await;
+}
