@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::config::Dispatch as Settings;
 use crate::db;
-use crate::db::queue::{self, Arming};
+use crate::db::queue::{self, Arming, PendingEvent};
 use crate::matcher::Matcher;
 use crate::ops::Probe;
 
@@ -196,7 +196,7 @@ impl Dispatcher {
                 break;
             }
             for subscriber in matcher.recipients(&event.name, event.sender.as_deref()) {
-                ids.push(delivery_id(event.id, subscriber));
+                ids.push(delivery_id(event, subscriber));
                 event_ids.push(event.id);
                 subscribers.push(subscriber);
             }
@@ -225,12 +225,15 @@ impl Dispatcher {
 /// The id of the delivery of `event` to `subscriber`: a hash of the pair,
 /// as a version 8 UUID. The same pair always gets the same id, so even a
 /// dispatch redone after a server crash sends the same `webhook-id` and
-/// receivers can de-duplicate it. (Every bit of the event id takes part:
-/// version and variant bits overwrite hash bits only.)
-pub fn delivery_id(event: i64, subscriber: Uuid) -> Uuid {
+/// receivers can de-duplicate it. The event is its id and its capture
+/// time: an id sequence set back (a copy that did not carry it over) hands
+/// out ids again, and a new event must not look like a duplicate of an
+/// old one. (Version and variant bits overwrite hash bits only.)
+pub fn delivery_id(event: &PendingEvent, subscriber: Uuid) -> Uuid {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
-    hasher.update(event.to_be_bytes());
+    hasher.update(event.id.to_be_bytes());
+    hasher.update(event.created_us.to_be_bytes());
     hasher.update(subscriber.as_bytes());
     let hash = hasher.finalize();
     let mut bytes = [0u8; 16];
@@ -244,13 +247,22 @@ mod tests {
 
     #[test]
     fn delivery_ids_are_stable_and_distinct() {
+        let event = |id: i64, created_us: i64| PendingEvent {
+            id,
+            created_us,
+            name: "a.b".into(),
+            sender: None,
+        };
+        let id = |e: i64, s: Uuid| delivery_id(&event(e, 1_700_000_000_000_000), s);
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        assert_eq!(delivery_id(7, a), delivery_id(7, a));
-        assert_ne!(delivery_id(7, a), delivery_id(7, b));
-        assert_ne!(delivery_id(7, a), delivery_id(8, a));
+        assert_eq!(id(7, a), id(7, a));
+        assert_ne!(id(7, a), id(7, b));
+        assert_ne!(id(7, a), id(8, a));
+        // The same id captured again later (a sequence set back).
+        assert_ne!(delivery_id(&event(7, 1), a), delivery_id(&event(7, 2), a));
         // Events whose ids differ only where the version bits sit.
-        let ids: std::collections::HashSet<Uuid> = (0..20_000).map(|e| delivery_id(e, a)).collect();
+        let ids: std::collections::HashSet<Uuid> = (0..20_000).map(|e| id(e, a)).collect();
         assert_eq!(ids.len(), 20_000);
-        assert_eq!(delivery_id(1, a).get_version_num(), 8);
+        assert_eq!(id(1, a).get_version_num(), 8);
     }
 }

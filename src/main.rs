@@ -291,6 +291,13 @@ async fn run(
             Ok(())
         }
         Command::Run => {
+            // Each receiver host keeps idle connections: the soft limit on
+            // descriptors (1024 by default) would cap how many hosts can be
+            // served at once. The hard limit is ours to take.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(limit) => tracing::debug!(limit, "open files limit"),
+                Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+            }
             let reloads = thorn::ops::reload::on_sighup(move || load_config(path.as_deref()))?;
             let ops = thorn::ops::Ops {
                 notifier: thorn::ops::Notifier::from_env(),

@@ -47,6 +47,9 @@ impl Pattern {
     }
 }
 
+/// Event names whose matches are remembered at most.
+const MAX_REMEMBERED: usize = 4096;
+
 /// An active subscriber, as far as matching is concerned.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
@@ -75,6 +78,11 @@ impl Matcher {
 
     /// The subscribers that receive an event named `event` sent by `sender`.
     pub fn recipients(&mut self, event: &str, sender: Option<&str>) -> Vec<Uuid> {
+        // Names are few in practice, but anything may write the outbox: a
+        // stream of distinct names must not grow the daemon without end.
+        if self.by_event.len() >= MAX_REMEMBERED && !self.by_event.contains_key(event) {
+            self.by_event.clear();
+        }
         let subscribers = &self.subscribers;
         let matching = self.by_event.entry(event.to_owned()).or_insert_with(|| {
             (0..subscribers.len())
@@ -96,6 +104,22 @@ mod tests {
 
     fn m(pattern: &str, event: &str) -> bool {
         Pattern::parse(pattern).matches(event)
+    }
+
+    #[test]
+    fn remembered_names_are_bounded() {
+        let id = Uuid::new_v4();
+        let subscriber = Subscriber {
+            id,
+            pattern: Pattern::parse("a.*"),
+            owner: None,
+        };
+        let mut matcher = Matcher::new(1, vec![subscriber]);
+        for i in 0..3 * MAX_REMEMBERED {
+            assert_eq!(matcher.recipients(&format!("a.{i}"), None), [id]);
+            assert!(matcher.by_event.len() <= MAX_REMEMBERED);
+        }
+        assert!(matcher.recipients("b.x", None).is_empty());
     }
 
     #[test]

@@ -16,6 +16,9 @@ use crate::sign::Secret;
 #[derive(Debug)]
 pub struct PendingEvent {
     pub id: i64,
+    /// `created_at` in microseconds since 1970: with the id, it names the
+    /// event even if the id sequence is ever set back (ids then repeat).
+    pub created_us: i64,
     pub name: String,
     pub sender: Option<String>,
 }
@@ -90,7 +93,7 @@ pub struct Completion {
 // Pending events lie above the outbox horizon (sql/0007_horizon.sql), found
 // on the primary key: writers maintain no index for them.
 const CLAIM_EVENTS: &str = "
-    SELECT id, name, sender FROM thorn.event
+    SELECT id, name, sender, (extract(epoch FROM created_at) * 1000000)::int8 FROM thorn.event
     WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL
     ORDER BY id
     LIMIT $1
@@ -335,6 +338,7 @@ impl Statements {
                     id: r.try_get(0)?,
                     name: r.try_get(1)?,
                     sender: r.try_get(2)?,
+                    created_us: r.try_get(3)?,
                 })
             })
             .collect()

@@ -156,7 +156,10 @@ impl Client {
             .connect_timeout(config.delivery.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Kept for a subscriber's next requests, not much longer: each
+            // holds a descriptor, and receivers may be many hosts (`thorn
+            // run` also raises its open files limit to the hard one).
+            .pool_idle_timeout(Duration::from_secs(15))
             .dns_resolver(Arc::new(GuardedResolver {
                 guard: guard.clone(),
             }))

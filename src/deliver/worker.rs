@@ -15,10 +15,16 @@
 //! [`Share`]) even if every request before it takes the whole
 //! `delivery.timeout`; one that is not fresh any more when its turn comes
 //! is not sent.
+//!
+//! A subscriber whose last request timed out or could not connect is on
+//! probation: [`PROBATION_LIMIT`] requests at a time and no waiting line,
+//! until a request to it is answered. A hanging endpoint otherwise holds
+//! its whole share for a timeout after timeout, and eight of them (256 /
+//! 32) would hold every slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
@@ -43,6 +49,13 @@ const GATHER: Duration = Duration::from_millis(2);
 /// for half a line: about 17,000 deliveries/s against 10,000 (E1,
 /// BENCHMARKS.md, Profiling item 16).
 const MAX_LINES: usize = 4;
+
+/// Requests at a time to a subscriber on probation (see the module's doc).
+const PROBATION_LIMIT: usize = 2;
+
+/// Probation ends this long after the last timeout if no request tells
+/// otherwise (the subscriber had nothing to send meanwhile).
+const PROBATION: Duration = Duration::from_secs(60);
 
 /// A subscriber's share of this sender: requests in flight at once, and
 /// deliveries claimed and waiting in its line at most.
@@ -83,6 +96,15 @@ impl Share {
             fresh_for,
         }
     }
+
+    /// The share of a subscriber on probation.
+    fn on_probation(self) -> Share {
+        Share {
+            limit: self.limit.min(PROBATION_LIMIT),
+            depth: 0,
+            ..self
+        }
+    }
 }
 
 /// Adds free slots to `permits`, up to `max`.
@@ -112,6 +134,18 @@ struct Tracked {
     per_subscriber: HashMap<Uuid, Line>,
     /// The deliveries held, with their leases.
     deliveries: HashMap<Uuid, SystemTime>,
+    /// Subscribers on probation, with the time their last request timed
+    /// out or could not connect.
+    probation: HashMap<Uuid, Instant>,
+}
+
+impl Tracked {
+    fn share_of(&self, subscriber: Uuid, share: Share) -> Share {
+        match self.probation.get(&subscriber) {
+            Some(since) if since.elapsed() < PROBATION => share.on_probation(),
+            _ => share,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -156,6 +190,7 @@ impl InFlight {
     ) -> Result<Option<(queue::Claimed, OwnedSemaphorePermit)>, (Uuid, SystemTime)> {
         let mut t = self.lock();
         let (id, subscriber, lease) = (delivery.id, delivery.subscriber_id, delivery.lease);
+        let share = t.share_of(subscriber, share);
         let line = t.per_subscriber.entry(subscriber).or_default();
         let admitted = if !line.at_limit(share) {
             let Some(permit) = permits.pop() else {
@@ -176,21 +211,32 @@ impl InFlight {
         Ok(admitted)
     }
 
-    /// Ends a request; returns the subscriber's next waiting delivery to
-    /// send in the same slot, if `go_on` and one is still fresh (younger
-    /// than `fresh_for`, see [`Share`]). Called right before that attempt,
-    /// so nothing waits between the judgement and the request; older ones
-    /// are left to their leases.
+    /// Ends a request (`hung`: it timed out or could not connect, which
+    /// puts its subscriber on probation; anything else ends that); returns
+    /// the subscriber's next waiting delivery to send in the same slot, if
+    /// `go_on`, the subscriber's share still has this slot, and one is
+    /// still fresh (younger than `fresh_for`, see [`Share`]). Called right
+    /// before that attempt, so nothing waits between the judgement and the
+    /// request; older ones are left to their leases.
     fn finish(
         &self,
         delivery: Uuid,
         subscriber: Uuid,
+        hung: bool,
         go_on: bool,
-        fresh_for: Duration,
+        share: Share,
     ) -> Option<queue::Claimed> {
         let mut t = self.lock();
         t.deliveries.remove(&delivery);
+        if hung {
+            t.probation.insert(subscriber, Instant::now());
+        } else {
+            t.probation.remove(&subscriber);
+        }
+        let share = t.share_of(subscriber, share);
+        let fresh_for = share.fresh_for;
         let line = t.per_subscriber.get_mut(&subscriber)?;
+        let go_on = go_on && line.sending <= share.limit;
         let mut next = None;
         let mut stale = Vec::new();
         while go_on && next.is_none() {
@@ -219,25 +265,39 @@ impl InFlight {
         next
     }
 
-    /// What the next claim may take per subscriber held (see [`Line::room`]).
+    /// What the next claim may take per subscriber held (see
+    /// [`Line::room`]), and per subscriber on probation.
     fn room(&self, share: Share) -> queue::Room {
         let mut room = queue::Room {
             limit: share.limit,
             ..queue::Room::default()
         };
-        for (&id, line) in &self.lock().per_subscriber {
+        let mut t = self.lock();
+        t.probation.retain(|_, since| since.elapsed() < PROBATION);
+        let idle = Line::default();
+        let on_probation = t
+            .probation
+            .keys()
+            .filter(|id| !t.per_subscriber.contains_key(id));
+        for (&id, line) in t
+            .per_subscriber
+            .iter()
+            .chain(on_probation.map(|id| (id, &idle)))
+        {
             room.subscribers.push(id);
-            room.rooms
-                .push(i32::try_from(line.room(share)).unwrap_or(i32::MAX));
+            let left = line.room(t.share_of(id, share));
+            room.rooms.push(i32::try_from(left).unwrap_or(i32::MAX));
         }
         room
     }
 
     /// The room left in the waiting lines of the subscribers at their limit.
     fn line_room(&self, share: Share) -> usize {
-        (self.lock().per_subscriber.values())
-            .filter(|line| line.at_limit(share))
-            .map(|line| line.room(share))
+        let t = self.lock();
+        (t.per_subscriber.iter())
+            .map(|(&id, line)| (line, t.share_of(id, share)))
+            .filter(|(line, share)| line.at_limit(*share))
+            .map(|(line, share)| line.room(share))
             .sum()
     }
 
@@ -469,11 +529,13 @@ impl Worker {
                 };
                 // Only now, right before its attempt, is the next one judged
                 // fresh: handing over may have waited a while.
+                let hung = matches!(attempt.result, Err(Failure::Timeout | Failure::Connect));
                 let next = in_flight.finish(
                     id,
                     subscriber,
+                    hung,
                     handed_over && !stopping.is_cancelled(),
-                    share.fresh_for,
+                    share,
                 );
                 if next.is_none() {
                     permit.take();

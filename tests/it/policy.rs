@@ -197,6 +197,52 @@ async fn a_hanging_subscriber_does_not_hold_up_the_others() {
     daemon.stop().await;
 }
 
+/// Hanging endpoints whose shares add up to more than every slot: after
+/// their first timeouts each is on probation (two requests at a time, no
+/// waiting line), so the healthy subscriber still gets slots instead of
+/// waiting for their backlog to time out request by request.
+#[tokio::test]
+async fn hanging_subscribers_never_hold_every_slot() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut stuck = Receiver::start().await;
+    stuck.otherwise(Reply {
+        status: 200,
+        delay: Duration::from_secs(30),
+        ..Reply::default()
+    });
+    let mut fast = Receiver::start().await;
+    for i in 0..4 {
+        subscribe(&db, "item.*", &stuck.url(&format!("/{i}")), None, "secret").await;
+    }
+    subscribe(&db, "item.*", &fast.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.delivery.timeout = Duration::from_secs(1);
+    config.delivery.lease_setting = Some(Duration::from_secs(10));
+    config.delivery.concurrency = 16;
+    config.delivery.per_subscriber_concurrency = 8;
+    let daemon = Daemon::start(config);
+    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 40)")
+        .await
+        .expect("insert");
+    let started = Instant::now();
+    fast.expect(40, WAIT, QUIET).await;
+    let fast_done = started.elapsed();
+    let mut stuck_requests = 0;
+    while stuck.next(Duration::ZERO).await.is_some() {
+        stuck_requests += 1;
+    }
+    // All 16 slots at first, then 2 per hanging subscriber per timeout;
+    // without probation their lines kept all 16 busy, one timeout after
+    // another, until their 160 deliveries had been tried.
+    assert!(
+        stuck_requests <= 16 + 8 * (1 + fast_done.as_secs() as usize),
+        "{stuck_requests} requests to the hanging subscribers in {fast_done:?}"
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn ordered_subscribers_get_one_at_a_time_in_event_order() {
     let t = TestDb::new().await;
