@@ -104,6 +104,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("thorn: {error:#}");
+            // A command run before `thorn migrate` meets missing tables.
+            let unmigrated = error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<tokio_postgres::Error>()
+                    .and_then(tokio_postgres::Error::code)
+                    .is_some_and(|code| {
+                        [
+                            tokio_postgres::error::SqlState::UNDEFINED_TABLE,
+                            tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME,
+                        ]
+                        .contains(code)
+                    })
+            });
+            if unmigrated {
+                eprintln!("thorn: hint: has this database been migrated? run `thorn migrate`");
+            }
             // A `[subscribers]` entry the database refuses is a bad config
             // too: exit 64; a schema newer than this binary, 65. Neither
             // goes away by restarting, and systemd does not restart them.

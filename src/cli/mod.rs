@@ -19,9 +19,13 @@ pub fn parse_time(s: &str) -> Result<SystemTime, String> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s.trim()) {
         return Ok(t);
     }
-    humantime::parse_duration(s.trim())
-        .map(|age| SystemTime::now() - age)
-        .map_err(|_| format!("{s:?} is neither a time (2026-11-27T10:00:00Z) nor an age (2h)"))
+    let age = humantime::parse_duration(s.trim())
+        .map_err(|_| format!("{s:?} is neither a time (2026-11-27T10:00:00Z) nor an age (2h)"))?;
+    // Nothing thorn keeps is older than 1970.
+    SystemTime::now()
+        .checked_sub(age)
+        .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+        .ok_or_else(|| format!("{s:?} reaches back before 1970"))
 }
 
 /// A URL without its query and fragment, which may carry tokens.
@@ -33,7 +37,19 @@ pub fn redact_url(url: &str) -> String {
             u.set_fragment(None);
             u.to_string()
         }
-        Err(_) => url.split(['?', '#']).next().unwrap_or("").to_owned(),
+        // Not a URL to the parser: still nothing after `?` or `#`, and
+        // nothing before an `@` (a password may sit there).
+        Err(_) => {
+            let kept = url.split(['?', '#']).next().unwrap_or("");
+            let Some((scheme, rest)) = kept.split_once("://") else {
+                return kept.to_owned();
+            };
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
     }
 }
 
@@ -69,6 +85,9 @@ mod tests {
             .expect("past");
         assert!(elapsed >= Duration::from_secs(7200) && elapsed < Duration::from_secs(7260));
         assert!(parse_time("yesterday-ish").is_err());
+        for huge in ["100000y", "1000000y", "100000000000y"] {
+            assert!(parse_time(huge).is_err(), "{huge}");
+        }
     }
 
     #[test]
@@ -77,5 +96,11 @@ mod tests {
             redact_url("https://u:pw@e.com/h?token=abc#x"),
             "https://u@e.com/h"
         );
+        // Not URLs to the parser: the part before an `@` goes too.
+        assert_eq!(
+            redact_url("http://user:hunter2@ex<ample.com/p@q?t=1"),
+            "http://ex<ample.com/p@q"
+        );
+        assert_eq!(redact_url("not a url?x"), "not a url");
     }
 }

@@ -33,12 +33,34 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
             "say which dead deliveries to retry: --all, --subscriber, --since or --delivery"
         );
     }
+    let db = super::connect(config).await?;
+    // An id that names nothing is a typo, not "nothing to retry".
+    if let Some(id) = args.subscriber {
+        let found = db
+            .query_opt("SELECT 1 FROM thorn.subscriber WHERE id = $1", &[&id])
+            .await?;
+        anyhow::ensure!(found.is_some(), "no subscriber {id}");
+    }
+    let unknown: Vec<Uuid> = db
+        .query(
+            "SELECT i FROM unnest($1::uuid[]) AS i
+             WHERE NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.id = i)",
+            &[&args.deliveries],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if !unknown.is_empty() {
+        let names: Vec<String> = unknown.iter().map(Uuid::to_string).collect();
+        anyhow::bail!("no delivery {}; nothing was re-queued", names.join(", "));
+    }
     let selection = Selection {
         subscriber: args.subscriber,
         since: args.since,
         deliveries: args.deliveries,
     };
-    let (requeued, skipped) = requeue(&super::connect(config).await?, &selection).await?;
+    let (requeued, skipped) = requeue(&db, &selection).await?;
     if args.json {
         let report = serde_json::json!({"requeued": requeued, "skipped_inactive": skipped});
         writeln!(out, "{report}")?;

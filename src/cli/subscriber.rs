@@ -105,8 +105,26 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
                 ordered: Some(ordered),
                 active: None,
             };
-            // Every bad field at once, from the database's own rules.
-            let problems = subscribers::problems(&db, None, &changes).await?;
+            // Every bad field at once, from the database's own rules, and
+            // a URL the delivery client could not even parse (the API
+            // refuses it too).
+            let mut problems = subscribers::problems(&db, None, &changes).await?;
+            if let Some(url) = changes
+                .url
+                .as_deref()
+                .filter(|_| !problems.contains_key("url"))
+            {
+                if let Err(error) = url::Url::parse(url) {
+                    problems.insert("url".into(), vec![format!("not a URL: {error}")]);
+                } else if let Err(why) = crate::deliver::client::Client::new(config)
+                    .map_or(Ok(()), |client| client.check_url(url).map(drop))
+                {
+                    // This config's rules; the daemon's may allow it.
+                    tracing::warn!(
+                        "url: {why}: deliveries there are refused unless the daemon's [security] allows them"
+                    );
+                }
+            }
             if !problems.is_empty() {
                 return Err(StoreError::Invalid(problems).into());
             }

@@ -574,6 +574,16 @@ fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
                 )
             };
             let state = if next.is_some() { "pending" } else { "dead" };
+            if next.is_none() {
+                // Needs a person (`thorn retry`): seen under log.level = warn.
+                tracing::warn!(
+                    delivery_id = %d.id,
+                    subscriber = %d.subscriber_id,
+                    attempts,
+                    error_class = failure.class(),
+                    "delivery dead: no tries left"
+                );
+            }
             tracing::info!(
                 delivery_id = %d.id,
                 subscriber = %d.subscriber_id,

@@ -213,3 +213,45 @@ async fn failures_a_restart_cannot_fix_are_named_and_exit_apart() {
         "{out}"
     );
 }
+
+/// `thorn subscriber add` refuses a URL the delivery client cannot parse,
+/// as the API does (the database's looser pattern let it in, and every
+/// delivery was then refused).
+#[tokio::test]
+async fn subscriber_add_refuses_what_no_delivery_could_use() {
+    let t = TestDb::new().await;
+    for url in ["http://ex<ample.com/", "http://999.1.1.1/"] {
+        let (code, out, err) = thorn_cli(
+            &t.url,
+            &["subscriber", "add", "--event", "a.*", "--url", url],
+        )
+        .await;
+        assert_ne!(code, 0, "{url}: {out}");
+        assert!(err.contains("url: not a URL"), "{url}: {err}");
+    }
+    let (_, out, _) = thorn_cli(&t.url, &["subscriber", "list", "--json"]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("json"),
+        Value::Array(vec![])
+    );
+}
+
+/// Mistakes are named, not reported as nothing to do: an id that names
+/// nothing, a database not migrated yet.
+#[tokio::test]
+async fn commands_name_what_they_cannot_find() {
+    let t = TestDb::new().await;
+    let nobody = uuid::Uuid::new_v4().to_string();
+    for args in [
+        &["retry", "--subscriber", &nobody][..],
+        &["retry", "--delivery", &nobody],
+    ] {
+        let (code, out, err) = thorn_cli(&t.url, args).await;
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(err.contains(&nobody), "{args:?}: {err}");
+    }
+    let empty = TestDb::empty().await;
+    let (code, _, err) = thorn_cli(&empty.url, &["status"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("run `thorn migrate`"), "{err}");
+}
