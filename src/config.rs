@@ -558,6 +558,11 @@ impl Config {
         if api.jwt_secret.as_ref().is_some_and(|s| s.0.len() < 16) {
             return Err(invalid("api.jwt_secret", "must be at least 16 characters"));
         }
+        if let Some(path) = &api.jwt_public_key_file {
+            if let Err(error) = crate::api::auth::public_key(path) {
+                return Err(invalid("api.jwt_public_key_file", format!("{error:#}")));
+            }
+        }
         if let Some(base) = &api.public_url {
             match url::Url::parse(base) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {}
@@ -654,6 +659,24 @@ mod tests {
         assert_eq!(cfg.delivery.timeout, Duration::from_secs(3));
         assert_eq!(cfg.delivery.retry_schedule.len(), 9);
         assert!(cfg.security.allowed.is_empty());
+    }
+
+    #[test]
+    fn an_unusable_public_key_file_is_a_bad_config() {
+        let not_a_key = std::env::temp_dir().join(format!("thorn-key-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&not_a_key, "x").expect("file");
+        for path in [std::path::Path::new("/nonexistent/key.pem"), &not_a_key] {
+            let file = format!(
+                "[api]\njwt_public_key_file = {:?}",
+                path.display().to_string()
+            );
+            let error = Config::load(Some(&file), &HashMap::new())
+                .expect_err("unusable")
+                .to_string();
+            assert!(error.contains("api.jwt_public_key_file"), "{error}");
+            assert!(error.contains(&path.display().to_string()), "{error}");
+        }
+        let _ = std::fs::remove_file(&not_a_key);
     }
 
     #[test]

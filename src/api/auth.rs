@@ -29,7 +29,7 @@ impl Caller {
     }
 }
 
-struct Key {
+pub struct Key {
     algorithms: &'static [Algorithm],
     key: DecodingKey,
 }
@@ -40,6 +40,25 @@ pub struct Auth {
     audience: Option<String>,
     require_exp: bool,
     admin_claim: String,
+}
+
+/// Reads a PEM RSA or EC public key. Config validation calls it too, so
+/// that an unusable file is a bad config (exit 64) and not a failed start.
+pub fn public_key(path: &std::path::Path) -> anyhow::Result<Key> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok(Key {
+            algorithms: &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+            key,
+        });
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok(Key {
+            algorithms: &[Algorithm::ES256, Algorithm::ES384],
+            key,
+        });
+    }
+    anyhow::bail!("{} is not a PEM RSA or EC public key", path.display())
 }
 
 impl Auth {
@@ -53,25 +72,7 @@ impl Auth {
             });
         }
         if let Some(path) = &api.jwt_public_key_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("api.jwt_public_key_file: reading {}", path.display()))?;
-            let key = if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-                Key {
-                    algorithms: &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
-                    key,
-                }
-            } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-                Key {
-                    algorithms: &[Algorithm::ES256, Algorithm::ES384],
-                    key,
-                }
-            } else {
-                anyhow::bail!(
-                    "api.jwt_public_key_file: {} is not a PEM RSA or EC public key",
-                    path.display()
-                );
-            };
-            keys.push(key);
+            keys.push(public_key(path).context("api.jwt_public_key_file")?);
         }
         if keys.is_empty() {
             // The API still listens (the daemon's deliveries do not wait
