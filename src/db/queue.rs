@@ -4,6 +4,8 @@
 //! Statements are prepared once per connection ([`Statements`]); every hot
 //! query works on a batch of rows through arrays (`unnest`, `ANY`).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::{Client, GenericClient, Statement};
@@ -33,7 +35,9 @@ pub struct Claimed {
     pub event: String,
     pub reference: Option<String>,
     pub sender: Option<String>,
-    pub data: String,
+    /// The event's payload, shared by the claim's deliveries of the event:
+    /// an event fanned out to many subscribers is held once.
+    pub data: Arc<str>,
     pub subscriber_id: Uuid,
     pub url: String,
     pub secret: Secret,
@@ -393,16 +397,26 @@ impl Statements {
                 ],
             )
             .await?;
+        let mut payloads: HashMap<i64, Arc<str>> = HashMap::new();
         rows.iter()
             .map(|r| {
+                let event_id = r.try_get(2)?;
+                let data = match payloads.get(&event_id) {
+                    Some(data) => data.clone(),
+                    None => {
+                        let data: Arc<str> = Arc::from(r.try_get::<_, &str>(6)?);
+                        payloads.insert(event_id, data.clone());
+                        data
+                    }
+                };
                 Ok(Claimed {
                     id: r.try_get(0)?,
                     attempts: r.try_get(1)?,
-                    event_id: r.try_get(2)?,
+                    event_id,
                     event: r.try_get(3)?,
                     reference: r.try_get(4)?,
                     sender: r.try_get(5)?,
-                    data: r.try_get(6)?,
+                    data,
                     subscriber_id: r.try_get(7)?,
                     url: r.try_get(8)?,
                     secret: Secret(r.try_get(9)?),

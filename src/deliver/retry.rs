@@ -1,7 +1,8 @@
 //! The retry policy: after attempt n fails, wait `retry_schedule[n-1]`
 //! (±20% jitter, so retries of one outage do not arrive in a wave), or what
-//! `Retry-After` asked for when that is longer (capped); after the last entry
-//! the delivery is dead.
+//! `Retry-After` asked for when that is longer (capped, and up to 10% later:
+//! never earlier than asked, and the deliveries one 429 answered do not all
+//! come back at one instant); after the last entry the delivery is dead.
 
 use std::time::Duration;
 
@@ -19,7 +20,10 @@ pub fn next_delay(
     let base = *schedule.get(index)?;
     let jittered = base.mul_f64(rand::rng().random_range(0.8..=1.2));
     Some(match retry_after {
-        Some(asked) => jittered.max(asked.min(max_retry_after)),
+        Some(asked) => {
+            let later = asked.mul_f64(rand::rng().random_range(1.0..=1.1));
+            jittered.max(later.min(max_retry_after))
+        }
         None => jittered,
     })
 }
@@ -46,8 +50,10 @@ mod tests {
     #[test]
     fn retry_after_lengthens_within_bounds() {
         let schedule = [Duration::from_secs(1)];
-        let d = next_delay(1, &schedule, Some(Duration::from_secs(60)), HOUR).expect("retry");
-        assert_eq!(d, Duration::from_secs(60));
+        for _ in 0..200 {
+            let d = next_delay(1, &schedule, Some(Duration::from_secs(60)), HOUR).expect("retry");
+            assert!(d >= Duration::from_secs(60) && d <= Duration::from_secs(66));
+        }
         let capped =
             next_delay(1, &schedule, Some(Duration::from_secs(86400)), HOUR).expect("retry");
         assert_eq!(capped, HOUR);
