@@ -50,6 +50,8 @@ pub struct Report {
     /// Already in thorn.subscriber (an earlier import).
     pub present: Vec<Uuid>,
     pub skipped: Vec<Skipped>,
+    /// Rows without a `uuid` (no id to import them under), skipped.
+    pub without_uuid: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,21 +92,40 @@ struct Row {
     id: Uuid,
     changes: Changes,
     created_at: String,
+    /// Its `user_id` names no user: imported, it would be an anonymous
+    /// subscriber, which receives every event without a sender.
+    orphan: bool,
 }
 
-async fn read(source_db: &impl GenericClient, source: &Source) -> Result<Vec<Row>, ImportError> {
+/// The rows with a `uuid`, and how many have none.
+async fn read(
+    source_db: &impl GenericClient,
+    source: &Source,
+) -> Result<(Vec<Row>, i64), ImportError> {
     let table = quoted(&source.table)?;
-    let (owner, join) = match &source.users {
+    let (owner, orphan, join) = match &source.users {
         Some(users) => (
             format!("u.{}::text", quoted(&source.username_column)?),
+            "s.user_id IS NOT NULL AND u.id IS NULL",
             format!("LEFT JOIN {} u ON u.id = s.user_id", quoted(users)?),
         ),
-        None => ("s.user_id::text".to_owned(), String::new()),
+        None => ("s.user_id::text".to_owned(), "false", String::new()),
     };
+    let without_uuid: i64 = source_db
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE uuid IS NULL"),
+            &[],
+        )
+        .await
+        .map_err(ImportError::Read)?
+        .try_get(0)
+        .map_err(ImportError::Read)?;
     let sql = format!(
         "SELECT s.uuid, s.event::text, s.url::text, {owner}, s.hmac_secret::text,
-                s.hmac_digest::text, s.content_type::text, s.created_at::timestamptz::text
+                s.hmac_digest::text, s.content_type::text, s.created_at::timestamptz::text,
+                {orphan}
          FROM {table} s {join}
+         WHERE s.uuid IS NOT NULL
          ORDER BY s.created_at, s.uuid"
     );
     let rows = source_db
@@ -126,9 +147,11 @@ async fn read(source_db: &impl GenericClient, source: &Source) -> Result<Vec<Row
                     ..Changes::default()
                 },
                 created_at: r.try_get(7)?,
+                orphan: r.try_get(8)?,
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
+        .map(|rows| (rows, without_uuid))
         .map_err(ImportError::Read)
 }
 
@@ -141,8 +164,12 @@ pub async fn import(
     source: &Source,
     dry_run: bool,
 ) -> Result<Report, ImportError> {
-    let mut report = Report::default();
-    for row in read(source_db, source).await? {
+    let (rows, without_uuid) = read(source_db, source).await?;
+    let mut report = Report {
+        without_uuid,
+        ..Report::default()
+    };
+    for row in rows {
         let exists = target
             .query_opt("SELECT 1 FROM thorn.subscriber WHERE id = $1", &[&row.id])
             .await?
@@ -155,6 +182,12 @@ pub async fn import(
         let mut problems = subscribers::problems(target, None, &row.changes).await?;
         if row.changes.hmac_secret.is_none() {
             problems.insert("hmac_secret".into(), vec!["is missing".into()]);
+        }
+        if row.orphan {
+            problems.insert(
+                "owner".into(),
+                vec!["its user_id has no row in the users table (as an anonymous subscriber it would receive every event without a sender)".into()],
+            );
         }
         if !problems.is_empty() {
             report.skipped.push(Skipped {
@@ -297,6 +330,13 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
                 .map(|(f, m)| format!("{f}: {}", m.join("; ")))
                 .collect();
             writeln!(out, "  skipped {}: {}", skipped.id, reasons.join(", "))?;
+        }
+        if report.without_uuid > 0 {
+            writeln!(
+                out,
+                "  skipped {} rows without a uuid (no id to import them under)",
+                report.without_uuid
+            )?;
         }
     }
     Ok(())

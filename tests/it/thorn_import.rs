@@ -229,3 +229,51 @@ async fn imports_with_the_sign_signer_and_user_ids_as_owners() {
     assert_ne!(code, 0);
     assert!(err.contains("is not a table name"), "{err}");
 }
+
+/// Rows a Thorn table without constraints may hold: one without a uuid
+/// (no id to import it under) and one whose user is gone (imported, it
+/// would become anonymous and receive every event without a sender). Both
+/// are reported and skipped; the rest is imported.
+#[tokio::test]
+async fn rows_without_a_uuid_or_a_user_are_skipped_and_said() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE auth_user (id serial PRIMARY KEY, username text NOT NULL);
+         CREATE TABLE webhooks_subscriber (
+             id serial PRIMARY KEY, uuid uuid, event text, url text, user_id integer,
+             hmac_secret text, hmac_digest text, content_type text,
+             created_at timestamptz, updated_at timestamptz);
+         INSERT INTO auth_user (username) VALUES ('alice');
+         INSERT INTO webhooks_subscriber
+             (uuid, event, url, user_id, hmac_secret, hmac_digest, content_type, created_at)
+         VALUES
+             ('00000000-0000-4000-8000-000000000001', 'a.*', 'https://example.com/', 1,
+              'secret-1', 'sha256', 'application/json', now()),
+             ('00000000-0000-4000-8000-000000000002', 'a.*', 'https://example.com/', 99,
+              'secret-2', 'sha256', 'application/json', now()),
+             (NULL, 'a.*', 'https://example.com/', 1,
+              'secret-3', 'sha256', 'application/json', now());",
+    )
+    .await
+    .expect("thorn tables");
+    let (code, out, err) = thorn_cli(&t.url, &["import-thorn"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("imported 1, already present 0, skipped 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("00000000-0000-4000-8000-000000000002: owner: its user_id has no row"),
+        "{out}"
+    );
+    assert!(out.contains("skipped 1 rows without a uuid"), "{out}");
+    let owners: Vec<Option<String>> = db
+        .query("SELECT owner FROM thorn.subscriber", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(owners, [Some("alice".to_owned())]);
+}
