@@ -142,6 +142,9 @@ impl From<StoreError> for ApiError {
             StoreError::FromConfig(message) => {
                 ApiError::new(StatusCode::CONFLICT, "from_config", message)
             }
+            StoreError::OperatorOff(message) => {
+                ApiError::new(StatusCode::CONFLICT, "operator_off", message)
+            }
             StoreError::Db(error) => ApiError::database(&error),
         }
     }

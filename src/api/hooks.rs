@@ -151,6 +151,11 @@ fn parse_body(
         }
         Some(_) => problem("owner", "must be a string or null"),
     }
+    // An admin is an operator: their switch-off holds against the owner,
+    // and their switch-on lifts an operator's.
+    if caller.admin {
+        changes.operator_off = changes.active.map(|active| !active);
+    }
     if mode == Mode::Create && changes.owner.is_none() {
         changes.owner = Some(Some(caller.owner.clone()));
     }

@@ -59,9 +59,10 @@ pub enum SubscriberCommand {
     Show { id: String },
     /// Delete a subscriber and its pending deliveries
     Remove { id: String },
-    /// Resume deliveries to a subscriber
+    /// Resume deliveries to a subscriber (lifting an operator's switch-off)
     Enable { id: String },
-    /// Stop deliveries to a subscriber
+    /// Stop deliveries to a subscriber; its owner cannot resume them
+    /// through the API, only an operator can
     Disable {
         id: String,
         #[arg(long, default_value = "disabled by an operator")]
@@ -103,7 +104,7 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
                 content_type,
                 hmac_signer: signer,
                 ordered: Some(ordered),
-                active: None,
+                ..Changes::default()
             };
             // Every bad field at once, from the database's own rules, and
             // a URL the delivery client could not even parse (the API

@@ -70,6 +70,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "config_removed",
         include_str!("../../sql/0018_config_removed.sql"),
     ),
+    (
+        19,
+        "operator_off",
+        include_str!("../../sql/0019_operator_off.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -31,6 +31,9 @@ pub struct Subscription {
     pub ordered: bool,
     pub active: bool,
     pub deactivated_reason: Option<String>,
+    /// Switched off by an operator: it stays off until an operator (not
+    /// its owner) switches it on (sql/0019_operator_off.sql).
+    pub operator_off: bool,
     /// The `[subscribers.<name>]` table it comes from, if any.
     pub config_name: Option<String>,
     /// RFC 3339 in UTC, microseconds, `Z` (as Thorn's API rendered them).
@@ -55,6 +58,9 @@ pub struct Changes {
     pub hmac_signer: Option<String>,
     pub ordered: Option<bool>,
     pub active: Option<bool>,
+    /// Set with `active` by operators: their switch-off holds, their
+    /// switch-on lifts it.
+    pub operator_off: Option<bool>,
 }
 
 /// Problems by field name, each field with its messages.
@@ -68,6 +74,10 @@ pub enum StoreError {
     /// place to change it; the database's message says so.
     #[error("{0}")]
     FromConfig(String),
+    /// An operator switched the row off, and only an operator switches it
+    /// on (sql/0019); the database's message says so.
+    #[error("{0}")]
+    OperatorOff(String),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -81,7 +91,7 @@ fn describe(fields: &FieldErrors) -> String {
 }
 
 const COLUMNS: &str = "id, event, url, content_type, owner, hmac_secret, hmac_digest, hmac_signer,
-    ordered, active, deactivated_reason, config_name,
+    ordered, active, deactivated_reason, config_name, operator_off,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
@@ -99,8 +109,9 @@ fn from_row(r: &Row) -> Result<Subscription, tokio_postgres::Error> {
         active: r.try_get(9)?,
         deactivated_reason: r.try_get(10)?,
         config_name: r.try_get(11)?,
-        created_at: r.try_get(12)?,
-        updated_at: r.try_get(13)?,
+        operator_off: r.try_get(12)?,
+        created_at: r.try_get(13)?,
+        updated_at: r.try_get(14)?,
     })
 }
 
@@ -155,13 +166,16 @@ fn rejected(error: tokio_postgres::Error) -> StoreError {
         .message()
         .split_once(": ")
         .map_or(db.message(), |(_, m)| m);
-    if *db.code() == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
-        && db.column() == Some("config_name")
-    {
-        return StoreError::FromConfig(match db.hint() {
+    if *db.code() == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE {
+        let said = match db.hint() {
             Some(hint) => format!("{message}. {hint}"),
             None => message.to_owned(),
-        });
+        };
+        match db.column() {
+            Some("config_name") => return StoreError::FromConfig(said),
+            Some("operator_off") => return StoreError::OperatorOff(said),
+            _ => {}
+        }
     }
     if *db.code() != SqlState::CHECK_VIOLATION {
         return StoreError::Db(error);
@@ -261,7 +275,8 @@ pub async fn update(
              content_type = coalesce($9, content_type),
              hmac_signer = coalesce($10, hmac_signer),
              ordered = coalesce($11, ordered),
-             active = coalesce($12, active)
+             active = coalesce($12, active),
+             operator_off = coalesce($13, operator_off)
          WHERE id = $1 AND ($2::text IS NULL OR owner = $2)
          RETURNING {COLUMNS}"
     );
@@ -281,6 +296,7 @@ pub async fn update(
                 &changes.hmac_signer,
                 &changes.ordered,
                 &changes.active,
+                &changes.operator_off,
             ],
         )
         .await
@@ -312,7 +328,7 @@ pub async fn set_active(
     reason: Option<&str>,
 ) -> Result<Option<Subscription>, tokio_postgres::Error> {
     let sql = format!(
-        "UPDATE thorn.subscriber SET active = $2,
+        "UPDATE thorn.subscriber SET active = $2, operator_off = NOT $2,
              deactivated_reason = CASE WHEN $2 THEN NULL ELSE $3 END
          WHERE id = $1
          RETURNING {COLUMNS}"

@@ -839,3 +839,100 @@ async fn clients_cannot_hold_the_api() {
     let (status, _) = waiting.await.expect("task").expect("answered");
     assert_eq!(status, 200);
 }
+
+/// An operator's switch-off holds: the owner may switch their own
+/// subscription off and on, but not one an admin or `thorn subscriber
+/// disable` switched off; an operator's switch-on lifts it. A config sync
+/// that would switch such a row on leaves it off.
+#[tokio::test]
+async fn an_operators_switch_off_holds_against_the_owner() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    let (_, created) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": "a.*", "url": "https://example.com/"})),
+        )
+        .await;
+    let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
+    let patch = |who: &'static str, active: bool| {
+        let request = api
+            .http
+            .patch(api.server.url(&path))
+            .json(&json!({"active": active}));
+        let request = match who {
+            "admin" => request.bearer_auth(token_with("root", json!({"admin": true}))),
+            owner => request.bearer_auth(token(owner)),
+        };
+        async move {
+            let response = request.send().await.expect("PATCH");
+            let status = response.status();
+            (status, response.json::<Value>().await.expect("JSON"))
+        }
+    };
+    // The owner's own switch-off is theirs to undo.
+    assert_eq!(patch("alice", false).await.0, StatusCode::OK);
+    let (status, body) = patch("alice", true).await;
+    assert_eq!(
+        (status, body["operator_off"].clone()),
+        (StatusCode::OK, json!(false))
+    );
+    // An admin's holds.
+    let (status, body) = patch("admin", false).await;
+    assert_eq!(
+        (status, body["operator_off"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    let (status, body) = patch("alice", true).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "operator_off", "{body}");
+    let (status, body) = patch("admin", true).await;
+    assert_eq!(
+        (status, body["active"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    // So does the CLI's, until the CLI lifts it.
+    let id = created["id"].as_str().expect("id");
+    let (code, _, err) = crate::support::thorn_cli(&t.url, &["subscriber", "disable", id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(patch("alice", true).await.0, StatusCode::CONFLICT);
+    let (code, _, err) = crate::support::thorn_cli(&t.url, &["subscriber", "enable", id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(patch("alice", false).await.0, StatusCode::OK);
+    assert_eq!(patch("alice", true).await.0, StatusCode::OK);
+
+    // A config subscriber an operator switched off stays off through a
+    // sync that would switch it on (a new URL), and the sync succeeds.
+    let db = t.client().await;
+    let sync = |url: &str| {
+        format!(
+            "SELECT count(*) FROM thorn.sync_config_subscribers('{{\"c\": {{\"event\": \"a.*\", \"url\": \"{url}\"}}}}')"
+        )
+    };
+    db.batch_execute(&sync("https://example.com/1"))
+        .await
+        .expect("sync");
+    db.batch_execute(
+        "UPDATE thorn.subscriber SET active = false, operator_off = true,
+                deactivated_reason = 'abuse' WHERE config_name = 'c'",
+    )
+    .await
+    .expect("operator switch-off");
+    db.batch_execute(&sync("https://example.com/2"))
+        .await
+        .expect("a sync that would switch it on");
+    let row = db
+        .query_one(
+            "SELECT url, active, deactivated_reason FROM thorn.subscriber WHERE config_name = 'c'",
+            &[],
+        )
+        .await
+        .expect("row");
+    let got: (String, bool, Option<String>) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        got,
+        ("https://example.com/2".into(), false, Some("abuse".into()))
+    );
+}
