@@ -20,7 +20,10 @@
 //! probation: [`PROBATION_LIMIT`] requests at a time and no waiting line,
 //! until a request to it is answered. A hanging endpoint otherwise holds
 //! its whole share for a timeout after timeout, and eight of them (256 /
-//! 32) would hold every slot.
+//! 32) would hold every slot. One that answered 429 or 503 with
+//! `Retry-After` is paused: nothing more is sent to it until then (capped
+//! by `delivery.max_retry_after`), instead of its other deliveries going
+//! on at full rate and each using up an attempt on the same answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -56,6 +59,28 @@ const PROBATION_LIMIT: usize = 2;
 /// Probation ends this long after the last timeout if no request tells
 /// otherwise (the subscriber had nothing to send meanwhile).
 const PROBATION: Duration = Duration::from_secs(60);
+
+/// What an attempt says about its subscriber's endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Answered,
+    /// Timed out, or could not connect: probation.
+    Hung,
+    /// Asked to wait this long (429 or 503 with `Retry-After`): paused.
+    Busy(Duration),
+}
+
+impl Endpoint {
+    fn of(attempt: &Attempt, settings: &Settings) -> Endpoint {
+        match (attempt.result, attempt.retry_after) {
+            (Err(Failure::Timeout | Failure::Connect), _) => Endpoint::Hung,
+            (Err(Failure::Status(429 | 503)), Some(wait)) => {
+                Endpoint::Busy(wait.min(settings.max_retry_after))
+            }
+            _ => Endpoint::Answered,
+        }
+    }
+}
 
 /// A subscriber's share of this sender: requests in flight at once, and
 /// deliveries claimed and waiting in its line at most.
@@ -94,6 +119,15 @@ impl Share {
             limit,
             depth: limit * lines,
             fresh_for,
+        }
+    }
+
+    /// The share of a paused subscriber: nothing.
+    fn paused(self) -> Share {
+        Share {
+            limit: 0,
+            depth: 0,
+            ..self
         }
     }
 
@@ -137,14 +171,58 @@ struct Tracked {
     /// Subscribers on probation, with the time their last request timed
     /// out or could not connect.
     probation: HashMap<Uuid, Instant>,
+    /// Paused subscribers, with the end of their pause.
+    paused: HashMap<Uuid, Instant>,
+    /// Deliveries taken out of a paused subscriber's line, for the sender
+    /// to release.
+    given_back: Vec<(Uuid, SystemTime)>,
 }
 
 impl Tracked {
     fn share_of(&self, subscriber: Uuid, share: Share) -> Share {
+        if self
+            .paused
+            .get(&subscriber)
+            .is_some_and(|until| *until > Instant::now())
+        {
+            return share.paused();
+        }
         match self.probation.get(&subscriber) {
             Some(since) if since.elapsed() < PROBATION => share.on_probation(),
             _ => share,
         }
+    }
+
+    /// Notes what an attempt said about its subscriber's endpoint.
+    fn heard(&mut self, subscriber: Uuid, endpoint: Endpoint) {
+        match endpoint {
+            Endpoint::Hung => {
+                self.probation.insert(subscriber, Instant::now());
+            }
+            Endpoint::Answered => {
+                self.probation.remove(&subscriber);
+            }
+            Endpoint::Busy(wait) => {
+                self.probation.remove(&subscriber);
+                self.paused.insert(subscriber, Instant::now() + wait);
+            }
+        }
+    }
+
+    /// Subscribers on probation or paused that hold nothing here, for
+    /// claims to give their own room; forgets those whose time is over.
+    fn restricted(&mut self) -> Vec<Uuid> {
+        let now = Instant::now();
+        self.probation
+            .retain(|_, since| since.elapsed() < PROBATION);
+        self.paused.retain(|_, until| *until > now);
+        let mut ids: Vec<Uuid> = (self.probation.keys().chain(self.paused.keys()))
+            .filter(|id| !self.per_subscriber.contains_key(id))
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 
@@ -205,34 +283,33 @@ impl InFlight {
             line.waiting.push_back(delivery);
             None
         } else {
+            if line.sending == 0 && line.waiting.is_empty() {
+                t.per_subscriber.remove(&subscriber);
+            }
             return Err((id, lease));
         };
         t.deliveries.insert(id, lease);
         Ok(admitted)
     }
 
-    /// Ends a request (`hung`: it timed out or could not connect, which
-    /// puts its subscriber on probation; anything else ends that); returns
-    /// the subscriber's next waiting delivery to send in the same slot, if
-    /// `go_on`, the subscriber's share still has this slot, and one is
-    /// still fresh (younger than `fresh_for`, see [`Share`]). Called right
-    /// before that attempt, so nothing waits between the judgement and the
-    /// request; older ones are left to their leases.
+    /// Ends a request, noting what it said of the endpoint (probation,
+    /// pause); returns the subscriber's next waiting delivery to send in
+    /// the same slot, if `go_on`, the subscriber's share still has this
+    /// slot, and one is still fresh (younger than `fresh_for`, see
+    /// [`Share`]). Called right before that attempt, so nothing waits
+    /// between the judgement and the request; older ones are left to their
+    /// leases.
     fn finish(
         &self,
         delivery: Uuid,
         subscriber: Uuid,
-        hung: bool,
+        endpoint: Endpoint,
         go_on: bool,
         share: Share,
     ) -> Option<queue::Claimed> {
         let mut t = self.lock();
         t.deliveries.remove(&delivery);
-        if hung {
-            t.probation.insert(subscriber, Instant::now());
-        } else {
-            t.probation.remove(&subscriber);
-        }
+        t.heard(subscriber, endpoint);
         let share = t.share_of(subscriber, share);
         let fresh_for = share.fresh_for;
         let line = t.per_subscriber.get_mut(&subscriber)?;
@@ -246,15 +323,23 @@ impl InFlight {
                 None => break,
             }
         }
+        // Paused: no slot goes on, so what waits is given back, to be
+        // claimed again when the pause is over (not a lease later).
+        let given_back: Vec<(Uuid, SystemTime)> = if share.limit == 0 {
+            line.waiting.drain(..).map(|d| (d.id, d.lease)).collect()
+        } else {
+            Vec::new()
+        };
         if next.is_none() {
             line.sending -= 1;
             if line.sending == 0 && line.waiting.is_empty() {
                 t.per_subscriber.remove(&subscriber);
             }
         }
-        for id in &stale {
+        for id in stale.iter().chain(given_back.iter().map(|(id, _)| id)) {
             t.deliveries.remove(id);
         }
+        t.given_back.extend(given_back);
         drop(t);
         if !stale.is_empty() {
             tracing::warn!(
@@ -273,16 +358,12 @@ impl InFlight {
             ..queue::Room::default()
         };
         let mut t = self.lock();
-        t.probation.retain(|_, since| since.elapsed() < PROBATION);
+        let restricted = t.restricted();
         let idle = Line::default();
-        let on_probation = t
-            .probation
-            .keys()
-            .filter(|id| !t.per_subscriber.contains_key(id));
         for (&id, line) in t
             .per_subscriber
             .iter()
-            .chain(on_probation.map(|id| (id, &idle)))
+            .chain(restricted.iter().map(|id| (id, &idle)))
         {
             room.subscribers.push(id);
             let left = line.room(t.share_of(id, share));
@@ -299,6 +380,21 @@ impl InFlight {
             .filter(|(line, share)| line.at_limit(*share))
             .map(|(line, share)| line.room(share))
             .sum()
+    }
+
+    /// Time until the first pause ends, if one is on.
+    fn pause_left(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.lock()
+            .paused
+            .values()
+            .map(|until| until.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Deliveries given back by paused subscribers, to release.
+    fn take_given_back(&self) -> Vec<(Uuid, SystemTime)> {
+        std::mem::take(&mut self.lock().given_back)
     }
 
     /// The deliveries claimed and not finished (in flight or waiting),
@@ -395,6 +491,10 @@ impl Worker {
                     }
                 }
             }
+            let given_back = in_flight.take_given_back();
+            if !given_back.is_empty() {
+                queue::release(client, &given_back).await?;
+            }
             let room = in_flight.room(share);
             // Ask for no more than the subscribers held have room for, plus
             // one subscriber's limit for others: a claim reads as many rows
@@ -461,6 +561,8 @@ impl Worker {
                 // A finishing request wakes us.
                 IDLE_POLL
             };
+            // Nothing wakes us when a pause ends.
+            let sleep = in_flight.pause_left().map_or(sleep, |left| sleep.min(left));
             tokio::select! {
                 _ = self.ready.notified() => {}
                 _ = tokio::time::sleep(sleep) => continue,
@@ -529,11 +631,10 @@ impl Worker {
                 };
                 // Only now, right before its attempt, is the next one judged
                 // fresh: handing over may have waited a while.
-                let hung = matches!(attempt.result, Err(Failure::Timeout | Failure::Connect));
                 let next = in_flight.finish(
                     id,
                     subscriber,
-                    hung,
+                    Endpoint::of(&attempt, &settings),
                     handed_over && !stopping.is_cancelled(),
                     share,
                 );

@@ -49,6 +49,46 @@ async fn retry_after_is_honoured() {
     daemon.stop().await;
 }
 
+/// A 429 with Retry-After pauses the whole subscriber, not only the one
+/// delivery: its other deliveries wait too (each would otherwise use up an
+/// attempt on the same answer), and all arrive once the pause is over.
+#[tokio::test]
+async fn retry_after_pauses_the_whole_subscriber() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.reply(Reply {
+        status: 429,
+        retry_after: Some("2"),
+        ..Reply::default()
+    });
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let mut config = t.config();
+    // One at a time, so that the 429 comes before any other request.
+    config.delivery.per_subscriber_concurrency = 1;
+    let daemon = Daemon::start(config);
+    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 6)")
+        .await
+        .expect("insert");
+    let got = rx.expect(7, WAIT, QUIET).await;
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "the next request came {gap:?} after a 429 asking for 2 s"
+    );
+    let delivered: i64 = db
+        .query_one(
+            "SELECT count(*) FROM thorn.delivery WHERE state = 'delivered' AND attempts <= 2",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(delivered, 6, "no attempt spent on the pause but the 429's");
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_hanging_endpoint_times_out_and_is_retried() {
     let t = TestDb::new().await;
