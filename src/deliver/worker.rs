@@ -323,13 +323,15 @@ impl InFlight {
                 None => break,
             }
         }
-        // Paused: no slot goes on, so what waits is given back, to be
-        // claimed again when the pause is over (not a lease later).
-        let given_back: Vec<(Uuid, SystemTime)> = if share.limit == 0 {
-            line.waiting.drain(..).map(|d| (d.id, d.lease)).collect()
-        } else {
-            Vec::new()
-        };
+        // Paused or on probation, the share has no line: what waits is
+        // given back, to be claimed again as the share allows (and not
+        // only a lease later).
+        let keep = line.waiting.len().min(share.depth);
+        let given_back: Vec<(Uuid, SystemTime)> = line
+            .waiting
+            .drain(keep..)
+            .map(|d| (d.id, d.lease))
+            .collect();
         if next.is_none() {
             line.sending -= 1;
             if line.sending == 0 && line.waiting.is_empty() {
