@@ -188,7 +188,25 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     stop.cancelled().await;
     ops.stopping("stopping: draining requests in flight");
     tracing::info!("shutting down: no new claims; waiting for requests in flight");
-    let _ = tokio::join!(listener, dispatcher, sender, pruner);
+    // A task waits for its statement to end before it sees the stop: one
+    // blocked on a lock (a migration elsewhere, a forgotten transaction)
+    // would hold the shutdown up for as long. Bounded; what it was doing is
+    // rolled back or left to its lease.
+    let deadline = tokio::time::Instant::now() + config.delivery.shutdown_grace + CUT_OFF_WAIT;
+    for (name, mut task) in [
+        ("listener", listener),
+        ("dispatcher", dispatcher),
+        ("sender", sender),
+        ("pruner", pruner),
+    ] {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            tracing::warn!(
+                task = name,
+                "still waiting on the database at shutdown; stopping without it"
+            );
+            task.abort();
+        }
+    }
     // The API stops accepting at once but waits for its open connections,
     // and a client may keep one open (a request never finished): bounded.
     if let Some(mut api) = api {

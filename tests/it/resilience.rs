@@ -691,3 +691,38 @@ async fn sigterm_does_not_wait_for_ever_on_a_half_sent_api_request() {
     daemon.stop_cleanly(WAIT).await;
     drop(socket);
 }
+
+/// SIGTERM while a lock on thorn's tables blocks the daemon's statements:
+/// it stops within its grace and a few seconds, not when the lock goes.
+#[tokio::test]
+async fn sigterm_while_the_database_blocks_the_tasks_still_stops() {
+    let t = TestDb::new().await;
+    let mut locker = t.client().await;
+    let db = t.client().await;
+    let mut daemon = Process::run(&config(&t, "shutdown_grace = \"2s\""));
+    daemon
+        .wait_for_log("thorn is running", Duration::from_secs(20))
+        .await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE thorn.delivery IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // The sender looks at thorn.delivery at least every few seconds: wait
+    // until its claim (or its look for the next due delivery) is blocked.
+    eventually(
+        &db,
+        "SELECT count(*) > 0 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND (query LIKE '%held (subscriber_id, room)%'
+                OR query LIKE '%min(next_attempt_at) - now()%')",
+    )
+    .await;
+    let started = Instant::now();
+    // Well under the lock's 90 s, well over 2 s of grace and 5 of cut-off.
+    daemon.stop_cleanly(Duration::from_secs(45)).await;
+    assert!(started.elapsed() < Duration::from_secs(45));
+    assert!(daemon
+        .log()
+        .contains("still waiting on the database at shutdown"));
+    lock.rollback().await.expect("release");
+}
