@@ -11,7 +11,10 @@
 --
 -- A config sync that would switch such a row on (its entry back in the
 -- config, or a new URL) leaves it off instead of failing the whole sync:
--- the operator's word wins over the config's.
+-- the operator's word wins over the config's. An entry back in the config
+-- is no longer "removed from thorn's config" (sql/0018), which would let
+-- it be deleted while configured and refuse the operator's switch-on: it
+-- is then simply an operator's switch-off.
 
 ALTER TABLE thorn.subscriber ADD COLUMN operator_off boolean NOT NULL DEFAULT false;
 
@@ -30,7 +33,10 @@ BEGIN
     IF TG_OP = 'UPDATE' AND NOT OLD.active
        AND current_setting('thorn.config_sync', true) = 'on' THEN
         NEW.active := false;
-        NEW.deactivated_reason := OLD.deactivated_reason;
+        NEW.deactivated_reason := CASE
+            WHEN OLD.deactivated_reason = thorn.config_removed_reason()
+            THEN 'switched off by an operator'
+            ELSE OLD.deactivated_reason END;
         RETURN NEW;
     END IF;
     IF TG_OP = 'UPDATE' THEN

@@ -233,7 +233,7 @@ pub fn delivery_id(event: &PendingEvent, subscriber: Uuid) -> Uuid {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     hasher.update(event.id.to_be_bytes());
-    hasher.update(event.created_us.to_be_bytes());
+    hasher.update(event.created_us.unwrap_or(i64::MIN).to_be_bytes());
     hasher.update(subscriber.as_bytes());
     let hash = hasher.finalize();
     let mut bytes = [0u8; 16];
@@ -249,7 +249,7 @@ mod tests {
     fn delivery_ids_are_stable_and_distinct() {
         let event = |id: i64, created_us: i64| PendingEvent {
             id,
-            created_us,
+            created_us: Some(created_us),
             name: "a.b".into(),
             sender: None,
         };

@@ -8,11 +8,13 @@
 //!   [`HEADER_TIMEOUT`], also between requests on a kept-alive one.
 //! - A request must be answered within [`REQUEST_TIMEOUT`] (a slow body
 //!   included), else it gets a 408 and the connection is closed.
+//! - A client must take what is written to it: a write that cannot go on
+//!   for [`WRITE_TIMEOUT`] (requests sent, answers never read) closes it.
 //! - At most [`MAX_CONNECTIONS`] at a time: more wait in the listen
 //!   backlog until one ends.
 //!
 //! At shutdown, requests in flight are finished for up to
-//! [`SHUTDOWN_GRACE`].
+//! [`SHUTDOWN_GRACE`]; connections still open then are closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +29,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longer than the API's own waits (DNS, a pool connection, a statement).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Well below the 1024 descriptors a process gets by default.
@@ -44,7 +49,9 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         .header_read_timeout(HEADER_TIMEOUT);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("never closed"),
             _ = shutdown.cancelled() => break,
@@ -62,9 +69,12 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
             },
             _ = shutdown.cancelled() => break,
         };
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let io = TokioIo::new(Box::pin(stream));
         let service = TowerToHyperService::new(app.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        let connection = graceful.watch(http.serve_connection(io, service));
+        connections.spawn(async move {
             // A client that left or timed out is its own business.
             let _ = connection.await;
             drop(slot);
@@ -77,6 +87,7 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
     {
         tracing::warn!("requests still running at shutdown were cut off");
     }
+    connections.abort_all();
 }
 
 /// Answers 408 to a request that is not answered in time (a body sent

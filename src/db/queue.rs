@@ -18,9 +18,10 @@ use crate::sign::Secret;
 #[derive(Debug)]
 pub struct PendingEvent {
     pub id: i64,
-    /// `created_at` in microseconds since 1970: with the id, it names the
+    /// `created_at` in microseconds since 1970 (`None` for ±infinity,
+    /// which only a hand-written row can hold): with the id, it names the
     /// event even if the id sequence is ever set back (ids then repeat).
-    pub created_us: i64,
+    pub created_us: Option<i64>,
     pub name: String,
     pub sender: Option<String>,
 }
@@ -97,7 +98,9 @@ pub struct Completion {
 // Pending events lie above the outbox horizon (sql/0007_horizon.sql), found
 // on the primary key: writers maintain no index for them.
 const CLAIM_EVENTS: &str = "
-    SELECT id, name, sender, (extract(epoch FROM created_at) * 1000000)::int8 FROM thorn.event
+    SELECT id, name, sender,
+           CASE WHEN isfinite(created_at) THEN (extract(epoch FROM created_at) * 1000000)::int8 END
+    FROM thorn.event
     WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL
     ORDER BY id
     LIMIT $1
@@ -236,7 +239,7 @@ pub const CLAIM_DELIVERIES: &str = "
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
            s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
-           s.hmac_signer, extract(epoch FROM now() - e.created_at)::float8, c.next_attempt_at
+           s.hmac_signer, CASE WHEN isfinite(e.created_at) THEN extract(epoch FROM now() - e.created_at) ELSE 0 END::float8, c.next_attempt_at
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id
@@ -520,13 +523,32 @@ pub async fn release(
     db: &impl GenericClient,
     leases: &[(Uuid, SystemTime)],
 ) -> Result<u64, tokio_postgres::Error> {
-    let (ids, leases): (Vec<Uuid>, Vec<SystemTime>) = leases.iter().copied().unzip();
+    let now: Vec<(Uuid, SystemTime, SystemTime)> = leases
+        .iter()
+        .map(|&(id, lease)| (id, lease, SystemTime::UNIX_EPOCH))
+        .collect();
+    release_until(db, &now).await
+}
+
+/// Gives claimed deliveries back (id, lease, due), each due again at its
+/// `due` or now, whichever is later; as [`release`], only where the lease
+/// is still the given one.
+pub async fn release_until(
+    db: &impl GenericClient,
+    given: &[(Uuid, SystemTime, SystemTime)],
+) -> Result<u64, tokio_postgres::Error> {
+    let (mut ids, mut leases, mut dues) = (Vec::new(), Vec::new(), Vec::new());
+    for &(id, lease, due) in given {
+        ids.push(id);
+        leases.push(lease);
+        dues.push(due);
+    }
     db.execute(
-        "UPDATE thorn.delivery d SET next_attempt_at = now()
-         FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, lease)
+        "UPDATE thorn.delivery d SET next_attempt_at = greatest(now(), u.due)
+         FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS u(id, lease, due)
          WHERE d.id = ANY($1) AND d.id = u.id
            AND CASE WHEN d.state = 'pending' THEN d.next_attempt_at = u.lease END",
-        &[&ids, &leases],
+        &[&ids, &leases, &dues],
     )
     .await
 }

@@ -197,10 +197,11 @@ pub async fn insert(db: &impl GenericClient, new: &Changes) -> Result<Subscripti
     let secret: Option<&str> = new.hmac_secret.as_ref().map(|s| s.0.as_str());
     let sql = format!(
         "INSERT INTO thorn.subscriber
-             (event, url, owner, hmac_secret, hmac_digest, content_type, hmac_signer, ordered, active)
+             (event, url, owner, hmac_secret, hmac_digest, content_type, hmac_signer, ordered, active,
+              operator_off)
          VALUES ($1, $2, $3, coalesce($4, thorn.random_secret()), coalesce($5, 'sha256'),
                  coalesce($6, 'application/json'), coalesce($7, 'sign'),
-                 coalesce($8, false), coalesce($9, true))
+                 coalesce($8, false), coalesce($9, true), coalesce($10, false))
          RETURNING {COLUMNS}"
     );
     let row = db
@@ -216,6 +217,7 @@ pub async fn insert(db: &impl GenericClient, new: &Changes) -> Result<Subscripti
                 &new.hmac_signer,
                 &new.ordered,
                 &new.active,
+                &new.operator_off,
             ],
         )
         .await

@@ -63,11 +63,15 @@ const PROBATION: Duration = Duration::from_secs(60);
 /// What an attempt says about its subscriber's endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
+    /// An HTTP answer: ends probation.
     Answered,
     /// Timed out, or could not connect: probation.
     Hung,
     /// Asked to wait this long (429 or 503 with `Retry-After`): paused.
     Busy(Duration),
+    /// No request reached it (refused before sending, DNS, TLS): says
+    /// nothing about how it answers.
+    Unheard,
 }
 
 impl Endpoint {
@@ -77,7 +81,8 @@ impl Endpoint {
             (Err(Failure::Status(429 | 503)), Some(wait)) => {
                 Endpoint::Busy(wait.min(settings.max_retry_after))
             }
-            _ => Endpoint::Answered,
+            (Ok(_) | Err(Failure::Status(_) | Failure::Request), _) => Endpoint::Answered,
+            _ => Endpoint::Unheard,
         }
     }
 }
@@ -173,9 +178,10 @@ struct Tracked {
     probation: HashMap<Uuid, Instant>,
     /// Paused subscribers, with the end of their pause.
     paused: HashMap<Uuid, Instant>,
-    /// Deliveries taken out of a paused subscriber's line, for the sender
-    /// to release.
-    given_back: Vec<(Uuid, SystemTime)>,
+    /// Deliveries taken out of a restricted subscriber's line, for the
+    /// sender to release (id, lease, due again). Until then they count as
+    /// held, so that shutdown releases them if the sender could not.
+    given_back: Vec<(Uuid, SystemTime, SystemTime)>,
 }
 
 impl Tracked {
@@ -206,6 +212,7 @@ impl Tracked {
                 self.probation.remove(&subscriber);
                 self.paused.insert(subscriber, Instant::now() + wait);
             }
+            Endpoint::Unheard => {}
         }
     }
 
@@ -325,12 +332,17 @@ impl InFlight {
         }
         // Paused or on probation, the share has no line: what waits is
         // given back, to be claimed again as the share allows (and not
-        // only a lease later).
+        // only a lease later): when a pause ends, or now. Other daemons
+        // know nothing of either, and may take them at once.
+        let due = match endpoint {
+            Endpoint::Busy(wait) => SystemTime::now() + wait,
+            _ => SystemTime::UNIX_EPOCH,
+        };
         let keep = line.waiting.len().min(share.depth);
-        let given_back: Vec<(Uuid, SystemTime)> = line
+        let given_back: Vec<(Uuid, SystemTime, SystemTime)> = line
             .waiting
             .drain(keep..)
-            .map(|d| (d.id, d.lease))
+            .map(|d| (d.id, d.lease, due))
             .collect();
         if next.is_none() {
             line.sending -= 1;
@@ -338,7 +350,7 @@ impl InFlight {
                 t.per_subscriber.remove(&subscriber);
             }
         }
-        for id in stale.iter().chain(given_back.iter().map(|(id, _)| id)) {
+        for id in &stale {
             t.deliveries.remove(id);
         }
         t.given_back.extend(given_back);
@@ -394,9 +406,17 @@ impl InFlight {
             .min()
     }
 
-    /// Deliveries given back by paused subscribers, to release.
-    fn take_given_back(&self) -> Vec<(Uuid, SystemTime)> {
+    /// Deliveries given back by restricted subscribers, to release.
+    fn take_given_back(&self) -> Vec<(Uuid, SystemTime, SystemTime)> {
         std::mem::take(&mut self.lock().given_back)
+    }
+
+    /// Forgets deliveries released to the database.
+    fn forget(&self, released: &[(Uuid, SystemTime, SystemTime)]) {
+        let mut t = self.lock();
+        for (id, _, _) in released {
+            t.deliveries.remove(id);
+        }
     }
 
     /// The deliveries claimed and not finished (in flight or waiting),
@@ -495,7 +515,8 @@ impl Worker {
             }
             let given_back = in_flight.take_given_back();
             if !given_back.is_empty() {
-                queue::release(client, &given_back).await?;
+                queue::release_until(client, &given_back).await?;
+                in_flight.forget(&given_back);
             }
             let room = in_flight.room(share);
             // Ask for no more than the subscribers held have room for, plus

@@ -101,9 +101,19 @@ where
     }
 }
 
-/// systemd sets `JOURNAL_STREAM` when standard error goes to the journal.
+/// systemd sets `JOURNAL_STREAM` to the device and inode of the journal
+/// stream it gives the service; it is inherited by whatever the service
+/// starts, so it counts only while standard error is still that stream
+/// (sd-daemon(3)).
 fn under_journald() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some()
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_str() == Some(format!("{}:{}", stderr.dev(), stderr.ino()).as_str())
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ const BACKLOG: &str = "
       coalesce(pg_sequence_last_value(pg_get_serial_sequence('thorn.event', 'id')::regclass), 0)::int8,
       (SELECT count(*) FROM thorn.event
        WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL),
-      coalesce((SELECT extract(epoch FROM now() - created_at) FROM thorn.event
+      coalesce((SELECT CASE WHEN isfinite(created_at) THEN extract(epoch FROM now() - created_at) END FROM thorn.event
                 WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0) AND dispatched_at IS NULL
                 ORDER BY id LIMIT 1), 0)::float8,
       (SELECT count(*) FROM thorn.delivery WHERE state = 'pending' AND next_attempt_at <= now()),

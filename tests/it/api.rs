@@ -736,6 +736,7 @@ async fn raw(base: &str, request: &[u8]) -> Option<(u16, String)> {
 /// idle and slow connections are closed; connections are capped.
 #[tokio::test]
 async fn clients_cannot_hold_the_api() {
+    use std::time::Duration;
     use thorn::serve::{HEADER_TIMEOUT, MAX_CONNECTIONS, REQUEST_TIMEOUT};
     use tokio::io::AsyncWriteExt;
     let t = TestDb::new().await;
@@ -815,7 +816,23 @@ async fn clients_cannot_hold_the_api() {
         error_fields(&serde_json::from_str(&body).expect("JSON"), "timeout");
         assert!(started.elapsed() >= REQUEST_TIMEOUT / 2);
     };
-    tokio::join!(idle, stalled);
+    // A client that sends requests and never reads the answers: once the
+    // buffers are full, the server's writes stall, and it closes the
+    // connection (its writes to us then fail) instead of holding it.
+    let unread = async {
+        let addr = base.trim_start_matches("http://");
+        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let requests = format!("GET /hooks/ HTTP/1.1\r\nHost: x\r\n{bearer}\r\n").repeat(100);
+        let writer =
+            tokio::spawn(
+                async move { while socket.write_all(requests.as_bytes()).await.is_ok() {} },
+            );
+        tokio::time::timeout(Duration::from_secs(90), writer)
+            .await
+            .expect("a connection whose answers are never read stayed open")
+            .expect("writer");
+    };
+    tokio::join!(idle, stalled, unread);
 
     // At the cap, a new connection waits until one ends.
     let addr = base.trim_start_matches("http://").to_owned();
@@ -935,4 +952,35 @@ async fn an_operators_switch_off_holds_against_the_owner() {
         got,
         ("https://example.com/2".into(), false, Some("abuse".into()))
     );
+    // Taken out of the config and put back: still the operator's
+    // switch-off, not "removed" (which would let it be deleted while
+    // configured, and refuse the operator's switch-on).
+    db.batch_execute("SELECT count(*) FROM thorn.sync_config_subscribers('{}')")
+        .await
+        .expect("removed");
+    db.batch_execute(&sync("https://example.com/2"))
+        .await
+        .expect("back");
+    db.batch_execute("DELETE FROM thorn.subscriber WHERE config_name = 'c'")
+        .await
+        .expect_err("configured again: not deletable");
+    let c: String = db
+        .query_one(
+            "SELECT id::text FROM thorn.subscriber WHERE config_name = 'c'",
+            &[],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    let (code, _, err) = crate::support::thorn_cli(&t.url, &["subscriber", "enable", &c]).await;
+    assert_eq!(code, 0, "{err}");
+    let on: bool = db
+        .query_one(
+            "SELECT active FROM thorn.subscriber WHERE config_name = 'c'",
+            &[],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert!(on, "the operator's switch-on works");
 }

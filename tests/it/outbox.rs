@@ -255,3 +255,22 @@ async fn a_horizon_restored_from_another_cluster_or_lost_still_moves() {
     wait_horizon(&db, 20, "the horizon is not re-made").await;
     daemon.stop().await;
 }
+
+/// A hand-written event dated infinity (any role that may write the outbox
+/// can) is dispatched and delivered like any other: reading its age or
+/// its capture time failed, and blocked every claim behind it.
+#[tokio::test]
+async fn an_event_dated_infinity_blocks_nothing() {
+    let (t, db, mut rx) = setup().await;
+    db.batch_execute(
+        "INSERT INTO thorn.event (name, data, created_at)
+         VALUES ('article.created', '{\"title\": \"forever\"}', 'infinity')",
+    )
+    .await
+    .expect("a hand-written event");
+    let daemon = Daemon::start(t.config());
+    let got = rx.expect(1, WAIT, Duration::ZERO).await;
+    assert_eq!(title(&got[0]), "forever");
+    insert_and_receive(&db, &mut rx, "after it").await;
+    daemon.stop().await;
+}
