@@ -95,6 +95,9 @@ pub struct Events {
     pub to: Option<SystemTime>,
 }
 
+/// Events read and matched at a time.
+const PAGE: i64 = 10_000;
+
 /// Queues one new delivery per selected event; returns their ids. All or
 /// nothing: in one transaction, with the events asked for by id locked
 /// against retention before they are counted, and the subscriber against
@@ -156,31 +159,60 @@ pub async fn replay(
             return Err(ReplayError::UnknownEvents(missing));
         }
     }
-    // Matched as the dispatcher matches: one rule, in one place.
-    let mut chosen = Vec::new();
+    // Matched as the dispatcher matches: one rule, in one place. A page at
+    // a time, so that a long range is never held in memory at once.
+    let mut created = Vec::new();
     let mut refused = Vec::new();
-    for r in tx
-        .query(
-            "SELECT e.id, e.name, e.sender FROM thorn.event e
-             WHERE e.dispatched_at IS NOT NULL
-               AND ($1::int8[] IS NULL OR e.id = ANY ($1))
-               AND ($2::timestamptz IS NULL OR e.created_at >= $2)
-               AND ($3::timestamptz IS NULL OR e.created_at < $3)
-             ORDER BY e.id",
-            &[&ids, &events.from, &events.to],
-        )
-        .await?
-    {
-        let (id, name, sender): (i64, &str, Option<&str>) =
-            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-        if matcher.recipients(name, sender).is_empty() {
-            refused.push(id);
-        } else {
-            chosen.push(id);
+    let mut after = i64::MIN;
+    loop {
+        let page = tx
+            .query(
+                "SELECT e.id, e.name, e.sender FROM thorn.event e
+                 WHERE e.dispatched_at IS NOT NULL AND e.id > $4
+                   AND ($1::int8[] IS NULL OR e.id = ANY ($1))
+                   AND ($2::timestamptz IS NULL OR e.created_at >= $2)
+                   AND ($3::timestamptz IS NULL OR e.created_at < $3)
+                 ORDER BY e.id
+                 LIMIT $5",
+                &[&ids, &events.from, &events.to, &after, &PAGE],
+            )
+            .await?;
+        let mut chosen = Vec::with_capacity(page.len());
+        for r in &page {
+            let (id, name, sender): (i64, &str, Option<&str>) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            if !matcher.recipients(name, sender).is_empty() {
+                chosen.push(id);
+            } else if ids.is_some() {
+                refused.push(id);
+            }
+            after = id;
+        }
+        let inserted = tx
+            .query(
+                "INSERT INTO thorn.delivery (id, event_id, subscriber_id)
+                 SELECT gen_random_uuid(), e, $1 FROM unnest($2::int8[]) AS e
+                 ORDER BY e
+                 RETURNING id",
+                &[&subscriber, &chosen],
+            )
+            .await
+            .map_err(
+                |error| match error.as_db_error().and_then(|e| e.constraint()) {
+                    Some("delivery_event_id_fkey") => ReplayError::PrunedMeanwhile,
+                    _ => ReplayError::Db(error),
+                },
+            )?;
+        for r in &inserted {
+            created.push(r.try_get::<_, Uuid>(0)?);
+        }
+        if page.len() < PAGE as usize {
+            break;
         }
     }
     // Asked for by id, an event not for this subscriber is a mistake to
-    // report; in a time range, it is simply not among its events.
+    // report (and the transaction, dropped, writes nothing); in a time
+    // range, it is simply not among its events.
     if ids.is_some() && !refused.is_empty() {
         return Err(ReplayError::NotForSubscriber {
             events: refused,
@@ -188,24 +220,6 @@ pub async fn replay(
             pattern,
         });
     }
-    let created = tx
-        .query(
-            "INSERT INTO thorn.delivery (id, event_id, subscriber_id)
-             SELECT gen_random_uuid(), e, $1 FROM unnest($2::int8[]) AS e
-             ORDER BY e
-             RETURNING id",
-            &[&subscriber, &chosen],
-        )
-        .await
-        .map_err(
-            |error| match error.as_db_error().and_then(|e| e.constraint()) {
-                Some("delivery_event_id_fkey") => ReplayError::PrunedMeanwhile,
-                _ => ReplayError::Db(error),
-            },
-        )?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<Vec<Uuid>, _>>()?;
     tx.commit().await?;
     if !created.is_empty() {
         super::wake_daemons(db).await?;

@@ -519,6 +519,15 @@ async fn a_replay_sends_only_what_the_subscriber_would_receive() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(sent, ids[..2]);
+    // A range longer than a page of events is matched page by page.
+    db.batch_execute(
+        "INSERT INTO thorn.event (name, sender, data, dispatched_at)
+         SELECT 'item.created', NULL, '{}', now() FROM generate_series(1, 10001)",
+    )
+    .await
+    .expect("many events");
+    let again = replay(&mut db, bob, &by_time).await.expect("by time");
+    assert_eq!(again.len(), 2 + 10_001);
 }
 
 /// Runs a one-shot `thorn` command against `t`; returns its stdout.
