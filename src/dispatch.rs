@@ -66,6 +66,7 @@ impl Dispatcher {
                 Ok(()) => return,
                 Err(error) => {
                     db::warn_restart("dispatcher", &error);
+                    self.probe.failed(&error);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.cancelled() => return,
@@ -98,6 +99,7 @@ impl Dispatcher {
             // The connection works again: a later loss starts from the
             // shortest wait.
             backoff.reset();
+            self.probe.served();
             if dispatched > 0 {
                 last_work = Instant::now();
                 continue;

@@ -460,6 +460,7 @@ impl Worker {
                 Ok(()) => return,
                 Err(error) => {
                     db::warn_restart("sender", &error);
+                    self.probe.failed(&error);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.cancelled() => return,
@@ -530,6 +531,7 @@ impl Worker {
             // The connection works again: a later loss starts from the
             // shortest wait.
             backoff.reset();
+            self.probe.served();
             if let Some(last) = claimed.last() {
                 after = last.subscriber_id;
             }

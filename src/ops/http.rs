@@ -127,6 +127,7 @@ async fn readyz(Extract(state): Extract<Arc<State>>) -> Response {
     if !state.listening() {
         reasons.push("not listening for wake-ups");
     }
+    reasons.extend(health.refused.iter().map(String::as_str));
     let mut text = reasons.join("\n");
     text.push('\n');
     (StatusCode::SERVICE_UNAVAILABLE, text).into_response()

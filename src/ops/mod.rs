@@ -52,7 +52,15 @@ struct Slot {
     /// task that is only watched for ending.
     beat: Option<AtomicU64>,
     ended: AtomicBool,
+    /// The server's refusals of the task's statements since its last
+    /// success, and the last one's message.
+    refusals: AtomicU64,
+    refused: Mutex<String>,
 }
+
+/// Refusals in a row after which a task counts as refused (one deadlock
+/// or serialization failure now and then is not that).
+const REFUSED_AFTER: u64 = 3;
 
 /// Shared by the tasks, the monitor and the endpoint.
 pub struct State {
@@ -77,9 +85,14 @@ pub struct State {
 pub struct Health {
     /// Every task alive and making progress: the watchdog is fed.
     pub healthy: bool,
-    /// Started, database answering and LISTEN active: /readyz is 200.
+    /// Started, database answering and LISTEN active, and no task's
+    /// statements refused again and again: /readyz is 200.
     pub ready: bool,
     pub problems: Vec<String>,
+    /// Tasks whose statements the server keeps refusing (a read-only
+    /// database, missing privileges): not ready, but alive and retrying,
+    /// which a restart would not change.
+    pub refused: Vec<String>,
 }
 
 impl State {
@@ -113,6 +126,8 @@ impl State {
             name,
             beat: beats.then(|| AtomicU64::new(self.now_ms())),
             ended: AtomicBool::new(false),
+            refusals: AtomicU64::new(0),
+            refused: Mutex::new(String::new()),
         });
         self.slots().push(slot.clone());
         slot
@@ -139,7 +154,15 @@ impl State {
         let now = self.now_ms();
         let stall = u64::try_from(self.stall.as_millis()).unwrap_or(u64::MAX);
         let mut problems = Vec::new();
+        let mut refused = Vec::new();
         for slot in self.slots().iter() {
+            if slot.refusals.load(Ordering::Relaxed) >= REFUSED_AFTER {
+                let message = slot.refused.lock().map(|m| m.clone()).unwrap_or_default();
+                refused.push(format!(
+                    "the database refuses the {} task's statements: {message}",
+                    slot.name
+                ));
+            }
             if slot.ended.load(Ordering::SeqCst) {
                 if !stopping {
                     problems.push(format!("the {} task has ended", slot.name));
@@ -157,12 +180,16 @@ impl State {
                 }
             }
         }
-        let ready =
-            self.ready.load(Ordering::SeqCst) && !stopping && database_up && self.listening();
+        let ready = self.ready.load(Ordering::SeqCst)
+            && !stopping
+            && database_up
+            && self.listening()
+            && refused.is_empty();
         Health {
             healthy: problems.is_empty(),
             ready,
             problems,
+            refused,
         }
     }
 }
@@ -192,6 +219,26 @@ impl Probe {
 
     pub fn metrics(&self) -> &Metrics {
         &self.state.metrics
+    }
+
+    /// Notes a failed round of the task: the server's refusals (errors
+    /// with a SQLSTATE) count towards "refused"; a lost connection does
+    /// not (the database is then down, which the monitor says).
+    pub fn failed(&self, error: &tokio_postgres::Error) {
+        let (Some(slot), Some(db)) = (&self.slot, error.as_db_error()) else {
+            return;
+        };
+        if let Ok(mut message) = slot.refused.lock() {
+            *message = db.message().to_owned();
+        }
+        slot.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes a round that worked. One relaxed atomic store.
+    pub fn served(&self) {
+        if let Some(slot) = &self.slot {
+            slot.refusals.store(0, Ordering::Relaxed);
+        }
     }
 }
 

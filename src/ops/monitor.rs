@@ -85,8 +85,11 @@ impl Monitor {
             }
             last_problems = health.problems;
             if started && !self.state.stopping.load(Ordering::SeqCst) {
-                self.notifier
-                    .status(&status_line(&self.state, backlog.as_ref(), &last_problems));
+                let line = match health.refused.first() {
+                    Some(refused) if last_problems.is_empty() => format!("not ready: {refused}"),
+                    _ => status_line(&self.state, backlog.as_ref(), &last_problems),
+                };
+                self.notifier.status(&line);
             }
         }
     }

@@ -763,3 +763,52 @@ async fn a_blocked_monitor_query_leaves_no_backend_behind() {
     assert!(most <= 2, "{most} monitor queries blocked at once");
     daemon.stop().await;
 }
+
+/// A database that refuses the tasks' statements (here: read-only) is not
+/// "ready", and /readyz says why, while the daemon stays alive and
+/// retrying; once the database takes writes again it is ready again.
+#[tokio::test]
+async fn a_database_that_refuses_every_statement_is_not_ready() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    let alter = |setting: &str| {
+        format!(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I {setting}', current_database()); END $$"
+        )
+    };
+    db.batch_execute(&alter("SET default_transaction_read_only = on"))
+        .await
+        .expect("read-only");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let daemon = Daemon::start_with(
+        t.config(),
+        thorn::ops::Ops {
+            metrics_listener: Some(listener),
+            monitor_interval: Some(Duration::from_millis(200)),
+            ..Default::default()
+        },
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(addr, "/readyz").await;
+        if status == 503 && body.contains("statements: cannot execute") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never said so: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(http_get(addr, "/healthz").await.0, 200, "alive, retrying");
+
+    db.batch_execute(&alter("RESET default_transaction_read_only"))
+        .await
+        .expect("writable");
+    let deadline = Instant::now() + WAIT;
+    while http_get(addr, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+}
