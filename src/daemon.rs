@@ -192,14 +192,17 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
     // blocked on a lock (a migration elsewhere, a forgotten transaction)
     // would hold the shutdown up for as long. Bounded; what it was doing is
     // rolled back or left to its lease.
-    let deadline = tokio::time::Instant::now() + config.delivery.shutdown_grace + CUT_OFF_WAIT;
+    // One grace for it all, from the stop: the tasks and the requests in
+    // flight end within it (or are cut off), so that the whole shutdown
+    // stays within systemd's TimeoutStopSec.
+    let grace_end = tokio::time::Instant::now() + config.delivery.shutdown_grace;
     for (name, mut task) in [
         ("listener", listener),
         ("dispatcher", dispatcher),
         ("sender", sender),
         ("pruner", pruner),
     ] {
-        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        if tokio::time::timeout_at(grace_end, &mut task).await.is_err() {
             tracing::warn!(
                 task = name,
                 "still waiting on the database at shutdown; stopping without it"
@@ -222,7 +225,7 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
         }
     }
     requests.close();
-    if tokio::time::timeout(config.delivery.shutdown_grace, requests.wait())
+    if tokio::time::timeout_at(grace_end, requests.wait())
         .await
         .is_err()
     {
@@ -255,12 +258,15 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, ops: Ops) -> 
 /// Hands the leases of deliveries left unsent by shutdown (cut off, or
 /// still waiting) back at once, so another daemon sends them now instead of
 /// after the lease.
-async fn release_unfinished(url: &str, unfinished: &[(uuid::Uuid, std::time::SystemTime)]) {
+async fn release_unfinished(
+    url: &str,
+    unfinished: &[(uuid::Uuid, std::time::SystemTime, Duration)],
+) {
     if unfinished.is_empty() {
         return;
     }
     let released = match db::connect(url).await {
-        Ok(client) => db::queue::release(&client, unfinished).await,
+        Ok(client) => db::queue::release_after(&client, unfinished).await,
         Err(error) => Err(error),
     };
     match released {

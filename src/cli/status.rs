@@ -59,7 +59,8 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
 pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
     let events = db
         .query_one(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
+            "SELECT count(*),
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE isfinite(created_at)))::float8
              FROM thorn.event
              WHERE id > coalesce((SELECT low FROM thorn.outbox_horizon), 0)
                AND dispatched_at IS NULL",

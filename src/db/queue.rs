@@ -523,32 +523,32 @@ pub async fn release(
     db: &impl GenericClient,
     leases: &[(Uuid, SystemTime)],
 ) -> Result<u64, tokio_postgres::Error> {
-    let now: Vec<(Uuid, SystemTime, SystemTime)> = leases
+    let now: Vec<(Uuid, SystemTime, Duration)> = leases
         .iter()
-        .map(|&(id, lease)| (id, lease, SystemTime::UNIX_EPOCH))
+        .map(|&(id, lease)| (id, lease, Duration::ZERO))
         .collect();
-    release_until(db, &now).await
+    release_after(db, &now).await
 }
 
-/// Gives claimed deliveries back (id, lease, due), each due again at its
-/// `due` or now, whichever is later; as [`release`], only where the lease
-/// is still the given one.
-pub async fn release_until(
+/// Gives claimed deliveries back (id, lease, wait), each due again after
+/// its wait, counted on the database's clock; as [`release`], only where
+/// the lease is still the given one.
+pub async fn release_after(
     db: &impl GenericClient,
-    given: &[(Uuid, SystemTime, SystemTime)],
+    given: &[(Uuid, SystemTime, Duration)],
 ) -> Result<u64, tokio_postgres::Error> {
-    let (mut ids, mut leases, mut dues) = (Vec::new(), Vec::new(), Vec::new());
-    for &(id, lease, due) in given {
+    let (mut ids, mut leases, mut waits) = (Vec::new(), Vec::new(), Vec::new());
+    for &(id, lease, wait) in given {
         ids.push(id);
         leases.push(lease);
-        dues.push(due);
+        waits.push(wait.as_secs_f64());
     }
     db.execute(
-        "UPDATE thorn.delivery d SET next_attempt_at = greatest(now(), u.due)
-         FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS u(id, lease, due)
+        "UPDATE thorn.delivery d SET next_attempt_at = now() + make_interval(secs => u.wait)
+         FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[]) AS u(id, lease, wait)
          WHERE d.id = ANY($1) AND d.id = u.id
            AND CASE WHEN d.state = 'pending' THEN d.next_attempt_at = u.lease END",
-        &[&ids, &leases, &dues],
+        &[&ids, &leases, &waits],
     )
     .await
 }

@@ -179,9 +179,9 @@ struct Tracked {
     /// Paused subscribers, with the end of their pause.
     paused: HashMap<Uuid, Instant>,
     /// Deliveries taken out of a restricted subscriber's line, for the
-    /// sender to release (id, lease, due again). Until then they count as
-    /// held, so that shutdown releases them if the sender could not.
-    given_back: Vec<(Uuid, SystemTime, SystemTime)>,
+    /// sender to release (id, lease, when due again). Until then they count
+    /// as held, so that shutdown releases them if the sender could not.
+    given_back: Vec<(Uuid, SystemTime, Instant)>,
 }
 
 impl Tracked {
@@ -335,11 +335,11 @@ impl InFlight {
         // only a lease later): when a pause ends, or now. Other daemons
         // know nothing of either, and may take them at once.
         let due = match endpoint {
-            Endpoint::Busy(wait) => SystemTime::now() + wait,
-            _ => SystemTime::UNIX_EPOCH,
+            Endpoint::Busy(wait) => Instant::now() + wait,
+            _ => Instant::now(),
         };
         let keep = line.waiting.len().min(share.depth);
-        let given_back: Vec<(Uuid, SystemTime, SystemTime)> = line
+        let given_back: Vec<(Uuid, SystemTime, Instant)> = line
             .waiting
             .drain(keep..)
             .map(|d| (d.id, d.lease, due))
@@ -406,26 +406,40 @@ impl InFlight {
             .min()
     }
 
-    /// Deliveries given back by restricted subscribers, to release.
-    fn take_given_back(&self) -> Vec<(Uuid, SystemTime, SystemTime)> {
-        std::mem::take(&mut self.lock().given_back)
-    }
-
-    /// Forgets deliveries released to the database.
-    fn forget(&self, released: &[(Uuid, SystemTime, SystemTime)]) {
+    /// Releases the deliveries given back by restricted subscribers, each
+    /// due when its subscriber's pause ends; kept for the next try (and
+    /// for shutdown) if that fails.
+    async fn release_given_back(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let given = std::mem::take(&mut self.lock().given_back);
+        if given.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let waits: Vec<(Uuid, SystemTime, Duration)> = (given.iter())
+            .map(|&(id, lease, due)| (id, lease, due.saturating_duration_since(now)))
+            .collect();
+        if let Err(error) = queue::release_after(client, &waits).await {
+            self.lock().given_back.extend(given);
+            return Err(error);
+        }
         let mut t = self.lock();
-        for (id, _, _) in released {
+        for (id, _, _) in &given {
             t.deliveries.remove(id);
         }
+        Ok(())
     }
 
-    /// The deliveries claimed and not finished (in flight or waiting),
-    /// with their leases.
-    pub fn deliveries(&self) -> Vec<(Uuid, SystemTime)> {
-        self.lock()
-            .deliveries
-            .iter()
-            .map(|(&id, &lease)| (id, lease))
+    /// The deliveries claimed and not finished (in flight, waiting, or
+    /// given back and not released yet), with their leases and how long
+    /// each must still wait (a pause).
+    pub fn deliveries(&self) -> Vec<(Uuid, SystemTime, Duration)> {
+        let t = self.lock();
+        let now = Instant::now();
+        let waits: HashMap<Uuid, Duration> = (t.given_back.iter())
+            .map(|&(id, _, due)| (id, due.saturating_duration_since(now)))
+            .collect();
+        (t.deliveries.iter())
+            .map(|(&id, &lease)| (id, lease, waits.get(&id).copied().unwrap_or_default()))
             .collect()
     }
 }
@@ -514,11 +528,7 @@ impl Worker {
                     }
                 }
             }
-            let given_back = in_flight.take_given_back();
-            if !given_back.is_empty() {
-                queue::release_until(client, &given_back).await?;
-                in_flight.forget(&given_back);
-            }
+            in_flight.release_given_back(client).await?;
             let room = in_flight.room(share);
             // Ask for no more than the subscribers held have room for, plus
             // one subscriber's limit for others: a claim reads as many rows
