@@ -763,6 +763,70 @@ mod tests {
         })
     }
 
+    fn claimed(subscriber: Uuid) -> queue::Claimed {
+        queue::Claimed {
+            id: Uuid::new_v4(),
+            attempts: 0,
+            event_id: 1,
+            event: "a.b".into(),
+            reference: None,
+            sender: None,
+            data: Arc::from("{}"),
+            subscriber_id: subscriber,
+            url: "https://example.com/".into(),
+            secret: crate::sign::Secret("secret".into()),
+            digest: "sha256".into(),
+            content_type: "application/json".into(),
+            active: true,
+            signer: "sign".into(),
+            event_age: Duration::ZERO,
+            claimed_at: Instant::now(),
+            lease: SystemTime::now() + Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_paused_subscribers_line_is_given_back_due_when_the_pause_ends() {
+        let share = share(3, None);
+        let in_flight = InFlight::default();
+        let slots = Arc::new(Semaphore::new(64));
+        let mut permits: Vec<_> = (0..64)
+            .map(|_| slots.clone().try_acquire_owned().expect("permit"))
+            .collect();
+        let (busy, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut sending = Vec::new();
+        for _ in 0..40 {
+            match in_flight.admit(claimed(busy), share, &mut permits) {
+                Ok(Some((delivery, _permit))) => sending.push(delivery),
+                Ok(None) => {}
+                Err(_) => panic!("within the limit and the line"),
+            }
+        }
+        assert_eq!(sending.len(), 32, "the limit; 8 wait in line");
+        let pause = Duration::from_secs(30);
+        let next = in_flight.finish(sending[0].id, busy, Endpoint::Busy(pause), true, share);
+        assert!(next.is_none(), "no slot goes on while paused");
+        // The 8 waiting are given back, each due when the pause ends; the
+        // 31 still in flight are due at once if shutdown releases them.
+        let held = in_flight.deliveries();
+        assert_eq!(held.len(), 39);
+        let waits: Vec<Duration> = held.iter().map(|h| h.2).filter(|w| !w.is_zero()).collect();
+        assert_eq!(waits.len(), 8);
+        assert!(waits
+            .iter()
+            .all(|w| *w > pause - Duration::from_secs(5) && *w <= pause));
+        // Claims give it no room while paused; others keep theirs.
+        let room = in_flight.room(share);
+        let at = room
+            .subscribers
+            .iter()
+            .position(|s| *s == busy)
+            .expect("listed");
+        assert_eq!(room.rooms[at], 0);
+        assert!(!room.subscribers.contains(&other));
+        assert_eq!(room.limit, 32);
+    }
+
     #[test]
     fn waiting_lines_are_as_deep_as_the_lease_leaves_timeouts_for() {
         // Defaults: a 3 s timeout, a 30 s lease less it and a 3 s margin:
