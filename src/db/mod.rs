@@ -130,8 +130,14 @@ const DAEMON_SESSION: &str = "SET synchronous_commit = off; SET jit = off; \
      SET default_transaction_isolation = 'read committed'";
 
 async fn daemon_session(url: &str) -> Result<Client, tokio_postgres::Error> {
+    connect_with(url, DAEMON_SESSION).await
+}
+
+/// [`connect`], then `settings` (SET statements) for the session: sent as
+/// statements, which a connection pooler passes on.
+pub async fn connect_with(url: &str, settings: &str) -> Result<Client, tokio_postgres::Error> {
     let client = connect(url).await?;
-    client.batch_execute(DAEMON_SESSION).await?;
+    client.batch_execute(settings).await?;
     Ok(client)
 }
 

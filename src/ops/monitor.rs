@@ -96,7 +96,11 @@ impl Monitor {
 
     async fn backlog(&self, client: &mut Option<Client>) -> Option<Backlog> {
         if !matches!(client, Some(c) if !c.is_closed()) {
-            *client = match tokio::time::timeout(QUERY_TIMEOUT, session(&self.url)).await {
+            // Its statements end on the server too when they take longer
+            // than the monitor waits.
+            let timeout = format!("SET statement_timeout = {}", QUERY_TIMEOUT.as_millis());
+            let session = db::connect_with(&self.url, &timeout);
+            *client = match tokio::time::timeout(QUERY_TIMEOUT, session).await {
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(error)) => {
                     tracing::debug!(error = %crate::db::Why(&error), "monitor cannot reach the database");
@@ -149,19 +153,6 @@ impl Monitor {
             events_above_horizon: (count(0) - count(8)).max(0),
         })
     }
-}
-
-/// The monitor's session: its statements end on the server too when they
-/// take longer than the monitor waits.
-async fn session(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let client = db::connect(url).await?;
-    client
-        .batch_execute(&format!(
-            "SET statement_timeout = {}",
-            QUERY_TIMEOUT.as_millis()
-        ))
-        .await?;
-    Ok(client)
 }
 
 fn status_line(state: &State, backlog: Option<&Backlog>, problems: &[String]) -> String {

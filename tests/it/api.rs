@@ -7,48 +7,8 @@ use serde_json::{json, Value};
 
 use crate::support::{
     api_config, article_table, free_port, python_sign, subscribe, token, token_with, unix_now,
-    wait_for_port, ApiServer, Daemon, Receiver, TestDb, QUIET, WAIT,
+    wait_for_port, ApiServer, Call, Daemon, Receiver, TestDb, ADMIN, QUIET, WAIT,
 };
-
-struct Call {
-    http: reqwest::Client,
-    server: ApiServer,
-}
-
-impl Call {
-    async fn new(config: &thorn::config::Config) -> Call {
-        Call {
-            http: reqwest::Client::new(),
-            server: ApiServer::start(config).await,
-        }
-    }
-
-    /// Sends a request as `who` (None: no token); returns status and JSON.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        who: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, self.server.url(path));
-        if let Some(who) = who {
-            request = request.bearer_auth(token(who));
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("request");
-        let status = response.status();
-        let text = response.text().await.expect("body");
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
-        };
-        (status, value)
-    }
-}
 
 /// Checks the one error shape and returns the field names.
 fn error_fields(body: &Value, code: &str) -> Vec<String> {
@@ -875,19 +835,12 @@ async fn an_operators_switch_off_holds_against_the_owner() {
         .await;
     let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
     let patch = |who: &'static str, active: bool| {
-        let request = api
-            .http
-            .patch(api.server.url(&path))
-            .json(&json!({"active": active}));
-        let request = match who {
-            "admin" => request.bearer_auth(token_with("root", json!({"admin": true}))),
-            owner => request.bearer_auth(token(owner)),
-        };
-        async move {
-            let response = request.send().await.expect("PATCH");
-            let status = response.status();
-            (status, response.json::<Value>().await.expect("JSON"))
-        }
+        api.send(
+            Method::PATCH,
+            &path,
+            Some(who),
+            Some(json!({"active": active})),
+        )
     };
     // The owner's own switch-off is theirs to undo.
     assert_eq!(patch("alice", false).await.0, StatusCode::OK);
@@ -897,7 +850,7 @@ async fn an_operators_switch_off_holds_against_the_owner() {
         (StatusCode::OK, json!(false))
     );
     // An admin's holds.
-    let (status, body) = patch("admin", false).await;
+    let (status, body) = patch(ADMIN, false).await;
     assert_eq!(
         (status, body["operator_off"].clone()),
         (StatusCode::OK, json!(true))
@@ -905,7 +858,7 @@ async fn an_operators_switch_off_holds_against_the_owner() {
     let (status, body) = patch("alice", true).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "operator_off", "{body}");
-    let (status, body) = patch("admin", true).await;
+    let (status, body) = patch(ADMIN, true).await;
     assert_eq!(
         (status, body["active"].clone()),
         (StatusCode::OK, json!(true))

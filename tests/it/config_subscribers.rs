@@ -6,15 +6,15 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use thorn::config::Config;
 use tokio_postgres::Client;
 
 use crate::process::Process;
 use crate::support::{
-    api_config, article_table, eventually, python_sign, token_with, ApiServer, Daemon, Receiver,
-    TestDb, QUIET, WAIT,
+    api_config, article_table, eventually, python_sign, Call, Daemon, Receiver, TestDb, ADMIN,
+    QUIET, WAIT,
 };
 
 /// `base` with one `[subscribers.<name>]` table per (name, body) appended.
@@ -136,9 +136,7 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
     .expect("repeating a value and switching off are allowed");
 
     // So may the API: changes and deletion are a 409 naming the table.
-    let api = ApiServer::start(&api_config(&t)).await;
-    let http = reqwest::Client::new();
-    let admin = token_with("root", serde_json::json!({"admin": true}));
+    let api = Call::new(&api_config(&t)).await;
     let id: uuid::Uuid = db
         .query_one(
             "SELECT id FROM thorn.subscriber WHERE config_name = 'crm'",
@@ -147,26 +145,16 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
         .await
         .expect("crm id")
         .get(0);
-    let path = api.url(&format!("/hooks/{id}/"));
-    let shown: Value = http
-        .get(&path)
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("JSON");
+    let path = format!("/hooks/{id}/");
+    let as_admin = |method: Method, body: Option<Value>| api.send(method, &path, Some(ADMIN), body);
+    let (_, shown) = as_admin(Method::GET, None).await;
     assert_eq!(shown["config_name"], "crm", "{shown}");
-    let patched = http
-        .patch(&path)
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"url": "http://127.0.0.1:9/elsewhere"}))
-        .send()
-        .await
-        .expect("PATCH");
-    assert_eq!(patched.status(), StatusCode::CONFLICT);
-    let body: Value = patched.json().await.expect("JSON");
+    let (status, body) = as_admin(
+        Method::PATCH,
+        Some(serde_json::json!({"url": "http://127.0.0.1:9/elsewhere"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"], "from_config", "{body}");
     assert!(
         body["message"]
@@ -175,21 +163,9 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
             .contains("[subscribers.crm]"),
         "{body}"
     );
-    let deleted = http
-        .delete(&path)
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("DELETE");
-    assert_eq!(deleted.status(), StatusCode::CONFLICT);
-    let off = http
-        .patch(&path)
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"active": false}))
-        .send()
-        .await
-        .expect("PATCH active");
-    assert_eq!(off.status(), StatusCode::OK, "switching off is allowed");
+    assert_eq!(as_admin(Method::DELETE, None).await.0, StatusCode::CONFLICT);
+    let (status, _) = as_admin(Method::PATCH, Some(serde_json::json!({"active": false}))).await;
+    assert_eq!(status, StatusCode::OK, "switching off is allowed");
     daemon.stop().await;
 
     // A restart with crm removed and audit moved: crm is switched off and
@@ -233,15 +209,8 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
     assert!(crm.next(QUIET).await.is_none(), "crm was switched off");
     // Removed, it stays off until the config has it back: switching it on
     // by hand would deliver for an entry no config names.
-    let on = http
-        .patch(&path)
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"active": true}))
-        .send()
-        .await
-        .expect("PATCH active");
-    assert_eq!(on.status(), StatusCode::CONFLICT);
-    let body: Value = on.json().await.expect("JSON");
+    let (status, body) = as_admin(Method::PATCH, Some(serde_json::json!({"active": true}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
     assert!(
         body["message"]
             .as_str()
@@ -260,13 +229,10 @@ async fn config_subscribers_get_signed_deliveries_and_only_the_config_changes_th
     .await;
     assert!(message.contains("[subscribers.audit]"), "{message}");
     // Removed from the config, it may be deleted.
-    let deleted = http
-        .delete(&path)
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("DELETE");
-    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        as_admin(Method::DELETE, None).await.0,
+        StatusCode::NO_CONTENT
+    );
     daemon.stop().await;
 
     // A daemon whose config has no [subscribers] table leaves them be.

@@ -415,23 +415,8 @@ async fn metrics_count_the_deliveries_actually_made() {
     .await
     .expect("deactivate");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let daemon = Daemon::start_with(
-        t.config(),
-        thorn::ops::Ops {
-            metrics_listener: Some(listener),
-            monitor_interval: Some(Duration::from_millis(200)),
-            ..Default::default()
-        },
-    );
-    let deadline = Instant::now() + WAIT;
-    while http_get(addr, "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (daemon, addr) = daemon_with_endpoint(t.config(), Duration::from_millis(200)).await;
+    readyz_until(addr, |status, _| status == 200, "never ready").await;
     assert_eq!(http_get(addr, "/healthz").await, (200, "ok\n".into()));
 
     for i in 0..5 {
@@ -539,10 +524,6 @@ async fn metrics_count_the_deliveries_actually_made() {
 
 #[tokio::test]
 async fn readyz_says_why_while_the_database_is_unreachable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let config = thorn::config::Config::load(
         Some(&format!(
             "database_url = \"postgres://thorn@127.0.0.1:{}/none\"",
@@ -551,14 +532,7 @@ async fn readyz_says_why_while_the_database_is_unreachable() {
         &Default::default(),
     )
     .expect("config");
-    let daemon = Daemon::start_with(
-        config,
-        thorn::ops::Ops {
-            metrics_listener: Some(listener),
-            monitor_interval: Some(Duration::from_millis(100)),
-            ..Default::default()
-        },
-    );
+    let (daemon, addr) = daemon_with_endpoint(config, Duration::from_millis(100)).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         http_get(addr, "/healthz").await.0,
@@ -779,36 +753,53 @@ async fn a_database_that_refuses_every_statement_is_not_ready() {
     db.batch_execute(&alter("SET default_transaction_read_only = on"))
         .await
         .expect("read-only");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let daemon = Daemon::start_with(
-        t.config(),
-        thorn::ops::Ops {
-            metrics_listener: Some(listener),
-            monitor_interval: Some(Duration::from_millis(200)),
-            ..Default::default()
-        },
-    );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = http_get(addr, "/readyz").await;
-        if status == 503 && body.contains("statements: cannot execute") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never said so: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (daemon, addr) = daemon_with_endpoint(t.config(), Duration::from_millis(200)).await;
+    readyz_until(
+        addr,
+        |status, body| status == 503 && body.contains("statements: cannot execute"),
+        "never said so",
+    )
+    .await;
     assert_eq!(http_get(addr, "/healthz").await.0, 200, "alive, retrying");
 
     db.batch_execute(&alter("RESET default_transaction_read_only"))
         .await
         .expect("writable");
-    let deadline = Instant::now() + WAIT;
-    while http_get(addr, "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "never ready again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    readyz_until(addr, |status, _| status == 200, "never ready again").await;
     daemon.stop().await;
+}
+
+/// The daemon with its health and metrics endpoint on a free port, the
+/// monitor looking every `monitor` instead of every 5 s.
+async fn daemon_with_endpoint(
+    config: thorn::config::Config,
+    monitor: Duration,
+) -> (Daemon, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let daemon = Daemon::start_with(
+        config,
+        thorn::ops::Ops {
+            metrics_listener: Some(listener),
+            monitor_interval: Some(monitor),
+            ..Default::default()
+        },
+    );
+    (daemon, addr)
+}
+
+/// Waits until `/readyz` answers as `wanted` says (panics with `why`
+/// after the usual wait).
+async fn readyz_until(addr: SocketAddr, wanted: impl Fn(u16, &str) -> bool, why: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(addr, "/readyz").await;
+        if wanted(status, &body) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{why}: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

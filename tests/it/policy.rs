@@ -195,46 +195,79 @@ async fn a_subscriber_failing_for_too_long_is_deactivated() {
     drop(rx);
 }
 
-#[tokio::test]
-async fn a_hanging_subscriber_does_not_hold_up_the_others() {
+/// What [`hanging_and_fast`] saw.
+struct Hanging {
+    /// How long the fast subscribers took to get all 40 items.
+    fast_done: Duration,
+    /// Requests the hanging subscribers got by then.
+    stuck_requests: usize,
+    /// The most requests the hanging endpoint held at once.
+    stuck_max_in_flight: usize,
+}
+
+/// 40 items for `stuck` subscribers at an endpoint that never answers and
+/// `fast` ones at a quick receiver, 16 slots, `per_subscriber` each, the
+/// given timeout and a 10 s lease.
+async fn hanging_and_fast(
+    stuck: usize,
+    fast: usize,
+    per_subscriber: usize,
+    timeout: Duration,
+) -> Hanging {
     let t = TestDb::new().await;
     let db = t.client().await;
     item_table(&db).await;
-    let mut stuck = Receiver::start().await;
-    stuck.otherwise(Reply {
+    let mut stuck_rx = Receiver::start().await;
+    stuck_rx.otherwise(Reply {
         status: 200,
         delay: Duration::from_secs(30),
         ..Reply::default()
     });
-    let mut fast = Receiver::start().await;
-    subscribe(&db, "item.*", &stuck.url("/"), None, "secret").await;
-    for i in 0..9 {
-        subscribe(&db, "item.*", &fast.url(&format!("/{i}")), None, "secret").await;
+    let mut fast_rx = Receiver::start().await;
+    for (rx, count) in [(&stuck_rx, stuck), (&fast_rx, fast)] {
+        for i in 0..count {
+            subscribe(&db, "item.*", &rx.url(&format!("/{i}")), None, "secret").await;
+        }
     }
     let mut config = t.config();
-    config.delivery.timeout = Duration::from_secs(2);
+    config.delivery.timeout = timeout;
     config.delivery.lease_setting = Some(Duration::from_secs(10));
     config.delivery.concurrency = 16;
-    config.delivery.per_subscriber_concurrency = 4;
+    config.delivery.per_subscriber_concurrency = per_subscriber;
     let daemon = Daemon::start(config);
     db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 40)")
         .await
         .expect("insert");
-    // The stuck subscriber needs 40 × 2 s / 4 = 20 s at least; the other
-    // 360 deliveries must not wait for it.
     let started = Instant::now();
-    fast.expect(360, WAIT, QUIET).await;
+    fast_rx.expect(40 * fast, WAIT, QUIET).await;
     let fast_done = started.elapsed();
     let mut stuck_requests = 0;
-    while stuck.next(Duration::ZERO).await.is_some() {
+    while stuck_rx.next(Duration::ZERO).await.is_some() {
         stuck_requests += 1;
     }
-    assert!(
-        stuck_requests <= 4 * (1 + fast_done.as_secs() as usize),
-        "{stuck_requests} requests to the stuck subscriber in {fast_done:?}"
-    );
-    assert!(stuck.max_in_flight() <= 4, "per-subscriber limit exceeded");
     daemon.stop().await;
+    Hanging {
+        fast_done,
+        stuck_requests,
+        stuck_max_in_flight: stuck_rx.max_in_flight(),
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_subscriber_does_not_hold_up_the_others() {
+    // The stuck subscriber needs 40 × 2 s / 4 = 20 s at least; the other
+    // 360 deliveries must not wait for it.
+    let seen = hanging_and_fast(1, 9, 4, Duration::from_secs(2)).await;
+    assert!(
+        seen.stuck_requests <= 4 * (1 + seen.fast_done.as_secs() as usize),
+        "{} requests to the stuck subscriber in {:?}",
+        seen.stuck_requests,
+        seen.fast_done
+    );
+    assert!(
+        seen.stuck_max_in_flight <= 4,
+        "per-subscriber limit exceeded"
+    );
 }
 
 /// Hanging endpoints whose shares add up to more than every slot: after
@@ -243,44 +276,16 @@ async fn a_hanging_subscriber_does_not_hold_up_the_others() {
 /// waiting for their backlog to time out request by request.
 #[tokio::test]
 async fn hanging_subscribers_never_hold_every_slot() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    item_table(&db).await;
-    let mut stuck = Receiver::start().await;
-    stuck.otherwise(Reply {
-        status: 200,
-        delay: Duration::from_secs(30),
-        ..Reply::default()
-    });
-    let mut fast = Receiver::start().await;
-    for i in 0..4 {
-        subscribe(&db, "item.*", &stuck.url(&format!("/{i}")), None, "secret").await;
-    }
-    subscribe(&db, "item.*", &fast.url("/"), None, "secret").await;
-    let mut config = t.config();
-    config.delivery.timeout = Duration::from_secs(1);
-    config.delivery.lease_setting = Some(Duration::from_secs(10));
-    config.delivery.concurrency = 16;
-    config.delivery.per_subscriber_concurrency = 8;
-    let daemon = Daemon::start(config);
-    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 40)")
-        .await
-        .expect("insert");
-    let started = Instant::now();
-    fast.expect(40, WAIT, QUIET).await;
-    let fast_done = started.elapsed();
-    let mut stuck_requests = 0;
-    while stuck.next(Duration::ZERO).await.is_some() {
-        stuck_requests += 1;
-    }
+    let seen = hanging_and_fast(4, 1, 8, Duration::from_secs(1)).await;
     // All 16 slots at first, then 2 per hanging subscriber per timeout;
     // without probation their lines kept all 16 busy, one timeout after
     // another, until their 160 deliveries had been tried.
     assert!(
-        stuck_requests <= 16 + 8 * (1 + fast_done.as_secs() as usize),
-        "{stuck_requests} requests to the hanging subscribers in {fast_done:?}"
+        seen.stuck_requests <= 16 + 8 * (1 + seen.fast_done.as_secs() as usize),
+        "{} requests to the hanging subscribers in {:?}",
+        seen.stuck_requests,
+        seen.fast_done
     );
-    daemon.stop().await;
 }
 
 #[tokio::test]

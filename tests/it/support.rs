@@ -689,6 +689,54 @@ pub fn unix_now() -> i64 {
 }
 
 /// The REST API served on 127.0.0.1:0 until dropped.
+/// The subscriptions API on a port of its own, and a client for it.
+pub struct Call {
+    pub http: reqwest::Client,
+    pub server: ApiServer,
+}
+
+/// Who [`Call::send`] sends as to act as an admin.
+pub const ADMIN: &str = "admin";
+
+impl Call {
+    pub async fn new(config: &thorn::config::Config) -> Call {
+        Call {
+            http: reqwest::Client::new(),
+            server: ApiServer::start(config).await,
+        }
+    }
+
+    /// Sends a request as `who` (None: no token; [`ADMIN`]: an admin);
+    /// returns status and JSON.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        who: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let mut request = self.http.request(method, self.server.url(path));
+        if let Some(who) = who {
+            request = request.bearer_auth(match who {
+                ADMIN => token_with("root", serde_json::json!({"admin": true})),
+                owner => token(owner),
+            });
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        let value = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, value)
+    }
+}
+
 pub struct ApiServer {
     pub base: String,
     shutdown: CancellationToken,
