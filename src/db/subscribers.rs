@@ -356,6 +356,9 @@ pub enum Change {
     Changed,
     /// Back in the config: switched on again.
     Restored,
+    /// Back in the config, but kept off: an operator switched it off
+    /// (sql/0019_operator_off.sql).
+    KeptOff,
     /// Gone from the config: switched off and kept
     /// (sql/0015_config_subscribers.sql).
     Removed,
@@ -389,6 +392,12 @@ pub async fn sync_from_config(
                 name = %s.name, id = %s.id,
                 "subscriber removed from the config: switched off, kept with its deliveries; \
                  delete it (thorn subscriber remove) once it is not coming back"
+            );
+        } else if s.change == Change::KeptOff {
+            tracing::warn!(
+                name = %s.name, id = %s.id,
+                "subscriber back in the config stays off: an operator switched it off; \
+                 thorn subscriber enable switches it on"
             );
         } else {
             tracing::info!(name = %s.name, id = %s.id, change = ?s.change, "subscriber from the config");
@@ -433,8 +442,8 @@ pub async fn sync_config(
         )
         .await
         .map_err(rejected)?;
-    tx.commit().await?;
-    rows.iter()
+    let mut synced = rows
+        .iter()
         .map(|r| {
             Ok(Synced {
                 name: r.try_get(0)?,
@@ -442,8 +451,32 @@ pub async fn sync_config(
                 change: Change::from_sql(r.try_get(2)?),
             })
         })
-        .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(StoreError::Db)
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    // The sync calls a row back in the config "restored" even when the
+    // operator's switch-off kept it off; say what happened instead.
+    let restored: Vec<Uuid> = synced
+        .iter()
+        .filter(|s| s.change == Change::Restored)
+        .map(|s| s.id)
+        .collect();
+    if !restored.is_empty() {
+        let kept_off: Vec<Uuid> = tx
+            .query(
+                "SELECT id FROM thorn.subscriber WHERE id = ANY($1) AND NOT active",
+                &[&restored],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for s in &mut synced {
+            if kept_off.contains(&s.id) {
+                s.change = Change::KeptOff;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(synced)
 }
 
 /// Every problem of the config's subscribers, by `subscribers.<name>.<field>`:

@@ -911,9 +911,29 @@ async fn an_operators_switch_off_holds_against_the_owner() {
     db.batch_execute("SELECT count(*) FROM thorn.sync_config_subscribers('{}')")
         .await
         .expect("removed");
-    db.batch_execute(&sync("https://example.com/2"))
-        .await
-        .expect("back");
+    // The daemon's sync reports it as kept off, not as restored.
+    let config = thorn::config::Config::load(
+        Some(&format!(
+            "{}\n[subscribers.c]\nevent = \"a.*\"\nurl = \"https://example.com/2\"\n",
+            t.config_text()
+        )),
+        &std::collections::HashMap::new(),
+    )
+    .expect("config");
+    let mut sync_db = t.client().await;
+    let synced = thorn::db::subscribers::sync_config(
+        &mut sync_db,
+        &config,
+        config.subscribers.as_ref().expect("[subscribers]"),
+    )
+    .await
+    .expect("back");
+    let changes: Vec<_> = synced.iter().map(|s| (s.name.as_str(), s.change)).collect();
+    assert_eq!(
+        changes,
+        [("c", thorn::db::subscribers::Change::KeptOff)],
+        "{synced:?}"
+    );
     db.batch_execute("DELETE FROM thorn.subscriber WHERE config_name = 'c'")
         .await
         .expect_err("configured again: not deletable");
