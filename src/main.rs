@@ -11,9 +11,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use tracing::Level;
 
 use thorn::cli;
 use thorn::config::{self, Config};
+use thorn::ops::logging::complain;
 use thorn::sign::{Digest, Signer};
 
 /// Signed webhooks from PostgreSQL row changes.
@@ -96,14 +98,17 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(error) => {
-            eprintln!("thorn: cannot start the runtime: {error}");
+            complain(
+                Level::ERROR,
+                format_args!("cannot start the runtime: {error}"),
+            );
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command, config, logging, cli.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("thorn: {error:#}");
+            complain(Level::ERROR, format_args!("{error:#}"));
             // A command run before `thorn migrate` meets missing tables.
             let unmigrated = error.chain().any(|cause| {
                 cause
@@ -118,7 +123,10 @@ fn main() -> ExitCode {
                     })
             });
             if unmigrated {
-                eprintln!("thorn: hint: has this database been migrated? run `thorn migrate`");
+                complain(
+                    Level::INFO,
+                    "hint: has this database been migrated? run `thorn migrate`",
+                );
             }
             // A `[subscribers]` entry the database refuses is a bad config
             // too: exit 64; a schema newer than this binary, 65. Neither
@@ -155,9 +163,12 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, Vec<String>> {
 /// Prints every problem; exit 64 (EX_USAGE), which systemd does not restart.
 fn bad_config(problems: &[impl std::fmt::Display]) -> ExitCode {
     for problem in problems {
-        eprintln!("thorn: bad config: {problem}");
+        complain(Level::ERROR, format_args!("bad config: {problem}"));
     }
-    eprintln!("thorn: {} problem(s) in the config", problems.len());
+    complain(
+        Level::ERROR,
+        format_args!("{} problem(s) in the config", problems.len()),
+    );
     ExitCode::from(64)
 }
 
@@ -219,8 +230,9 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
                 return bad_config(&subscribers);
             }
             Ok(Reachable::Yes { schema, latest, .. }) if schema > latest => {
-                eprintln!(
-                    "thorn: error: the database is at schema version {schema}, newer than this thorn knows ({latest}); upgrade thorn"
+                complain(
+                    Level::ERROR,
+                    format_args!("error: the database is at schema version {schema}, newer than this thorn knows ({latest}); upgrade thorn"),
                 );
                 return ExitCode::from(SCHEMA_TOO_NEW);
             }
@@ -231,18 +243,21 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
                 "database reachable; schema at version {schema} of {latest}: `thorn migrate` (or `thorn run`) upgrades it"
             ),
             Ok(Reachable::No(error)) => {
-                let level = if database == DatabaseCheck::Require {
-                    "error"
+                let (level, word) = if database == DatabaseCheck::Require {
+                    (Level::ERROR, "error")
                 } else {
-                    "warning"
+                    (Level::WARN, "warning")
                 };
-                eprintln!("thorn: {level}: database_url: cannot reach the database: {error}");
+                complain(
+                    level,
+                    format_args!("{word}: database_url: cannot reach the database: {error}"),
+                );
                 if database == DatabaseCheck::Require {
                     return ExitCode::from(69);
                 }
             }
             Err(error) => {
-                eprintln!("thorn: cannot start the runtime: {error}");
+                complain(Level::ERROR, format_args!("cannot start the runtime: {error}"));
                 return ExitCode::FAILURE;
             }
         }
@@ -251,11 +266,14 @@ fn check_config(path: Option<&std::path::Path>, database: DatabaseCheck) -> Exit
         let refused = thorn::db::subscribers::config_url_problems(&config);
         for (key, messages) in &refused {
             for message in messages {
-                eprintln!("thorn: bad config: {key}: {message}");
+                complain(Level::ERROR, format_args!("bad config: {key}: {message}"));
             }
         }
         if !refused.is_empty() {
-            eprintln!("thorn: {} problem(s) in the config", refused.len());
+            complain(
+                Level::ERROR,
+                format_args!("{} problem(s) in the config", refused.len()),
+            );
             return ExitCode::from(64);
         }
         if !entries.is_empty() {

@@ -3,7 +3,8 @@
 //! The filter can be swapped at run time (SIGHUP); the format cannot.
 //! Colours only on a terminal. Under journald, plain lines start with their
 //! syslog priority (`<4>` for a warning), which journald takes as the
-//! entry's priority, so `journalctl -p warning` finds them.
+//! entry's priority, so `journalctl -p warning` finds them; so do the
+//! command line's own lines ([`complain`]).
 
 use std::io::IsTerminal;
 
@@ -90,14 +91,31 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let priority = match *event.metadata().level() {
-            Level::ERROR => 3,
-            Level::WARN => 4,
-            Level::INFO => 6,
-            _ => 7,
-        };
-        write!(writer, "<{priority}>")?;
+        write!(writer, "<{}>", priority(*event.metadata().level()))?;
         self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The syslog priority of a level.
+fn priority(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Writes one of the command line's own lines (a bad config, why a command
+/// failed) to standard error as `thorn: <text>`; these come before logging
+/// is set up or after it is done. Under journald the line starts with its
+/// priority, as logged lines do, so `journalctl -p err` says why a start
+/// failed.
+pub fn complain(level: Level, text: impl std::fmt::Display) {
+    if under_journald() {
+        eprintln!("<{}>thorn: {text}", priority(level));
+    } else {
+        eprintln!("thorn: {text}");
     }
 }
 

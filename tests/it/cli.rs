@@ -150,6 +150,37 @@ async fn thorn_with(url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, Str
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Runs the binary as [`thorn_with`] does, with standard error on a file
+/// that `JOURNAL_STREAM` names, as systemd's journal stream would be;
+/// returns the exit code and what went to standard error.
+async fn under_journald(url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::env::temp_dir().join(format!(
+        "thorn-journal-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    let file = std::fs::File::create(&path).expect("stderr file");
+    let meta = file.metadata().expect("stat");
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_thorn"))
+        .args(args)
+        .env("THORN_CONFIG", "/dev/null")
+        .env("THORN_DATABASE_URL", url)
+        .env("JOURNAL_STREAM", stream)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .status()
+        .await
+        .expect("run thorn");
+    let err = std::fs::read_to_string(&path).expect("stderr");
+    let _ = std::fs::remove_file(&path);
+    (status.code().unwrap_or(-1), err)
+}
+
 /// What systemd must not restart exits with its own status and says why:
 /// a bad config (64, every problem listed, by `run` too), a schema newer
 /// than the binary (65, which `check-config --database` finds beforehand);
@@ -167,6 +198,13 @@ async fn failures_a_restart_cannot_fix_are_named_and_exit_apart() {
         out.contains("delivery.timeout") && out.contains("dispatch.batch_size"),
         "{out}"
     );
+    // Under journald each of those lines carries its priority, so
+    // `journalctl -p err` says why a start failed.
+    let (code, err) = under_journald(&t.url, &bad, &["check-config"]).await;
+    assert_eq!(code, 64, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines.iter().all(|l| l.starts_with("<3>thorn: ")), "{err}");
     let (code, out) = thorn_with(
         &t.url,
         &bad,
@@ -202,6 +240,13 @@ async fn failures_a_restart_cannot_fix_are_named_and_exit_apart() {
             "{args:?}: {out}"
         );
     }
+    let (code, err) = under_journald(&t.url, &[], &["run"]).await;
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("<3>thorn: ") && l.contains("newer than this thorn knows")),
+        "{err}"
+    );
 
     let latin1 =
         TestDb::empty_with("ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
