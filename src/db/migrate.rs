@@ -75,6 +75,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operator_off",
         include_str!("../../sql/0019_operator_off.sql"),
     ),
+    (
+        20,
+        "daemon_grants",
+        include_str!("../../sql/0020_daemon_grants.sql"),
+    ),
+    (
+        21,
+        "notify_off",
+        include_str!("../../sql/0021_notify_off.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

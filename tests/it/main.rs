@@ -15,5 +15,7 @@ mod process;
 mod queries;
 mod resilience;
 mod security;
+mod statements;
 mod support;
 mod thorn_import;
+mod upgrade;

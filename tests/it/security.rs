@@ -669,7 +669,7 @@ async fn least_privilege_daemon_and_application_roles() {
     let app_role = role_name("thorn_app");
     let grants = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql"))
         .expect("sql/roles.sql")
-        .replace(":\"daemon\"", &format!("\"{daemon_role}\""));
+        .replace(":'daemon'", &format!("'{daemon_role}'"));
     admin
         .batch_execute(&format!(
             "CREATE ROLE {daemon_role} LOGIN; CREATE ROLE {app_role} LOGIN;
