@@ -1011,20 +1011,24 @@ async fn writers_with_notify_off_never_notify_so_two_phase_commit_works() {
         eprintln!("two-phase part skipped: the server has max_prepared_transactions = 0");
     } else {
         wait_asleep(&db).await;
-        // Committed at once, so that no prepared transaction outlives the
-        // test (it would keep its database from being dropped).
         let prepared = quiet
             .batch_execute(&format!(
                 "BEGIN;
                  INSERT INTO item (id, title) VALUES (3, 'two-phase');
-                 PREPARE TRANSACTION '{database}';
-                 COMMIT PREPARED '{database}';"
+                 PREPARE TRANSACTION '{database}'"
             ))
             .await;
         if let Err(error) = &prepared {
             let _ = quiet.batch_execute("ROLLBACK").await;
             panic!("two-phase write refused: {:?}", error.as_db_error());
         }
+        // Committed at once (its own statement: COMMIT PREPARED runs outside
+        // a transaction block), so that no prepared transaction outlives the
+        // test; it would keep its database from being dropped.
+        quiet
+            .batch_execute(&format!("COMMIT PREPARED '{database}'"))
+            .await
+            .expect("COMMIT PREPARED");
         let got = rx.expect(1, WAIT, QUIET).await;
         assert_eq!(got[0].json()["data"], item(3, "two-phase", "draft", 0));
     }
