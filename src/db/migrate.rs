@@ -85,6 +85,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notify_off",
         include_str!("../../sql/0021_notify_off.sql"),
     ),
+    (
+        22,
+        "any_secret",
+        include_str!("../../sql/0022_any_secret.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -401,7 +401,7 @@ async fn bad_input_names_every_field() {
                 "url": "ftp://example.com/",
                 "hmac_digest": "md5",
                 "content_type": "text/plain",
-                "hmac_secret": "short",
+                "hmac_secret": "",
                 "hmac_signer": "itsdangerous",
                 "ordered": "yes",
             })),

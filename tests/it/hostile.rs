@@ -303,14 +303,6 @@ async fn bad_subscriber_rows_are_refused_naming_the_column() {
             "application/json",
             "hmac_secret",
         ),
-        (
-            "a",
-            "https://e.com/",
-            "short",
-            "sha256",
-            "application/json",
-            "hmac_secret",
-        ),
     ]
     .iter()
     .map(|(e, u, s, d, c, col)| (e.to_string(), u.to_string(), s.to_string(), *d, *c, *col))

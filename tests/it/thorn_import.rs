@@ -50,7 +50,8 @@ async fn imports_a_thorn_table_and_the_subscribers_verify_deliveries() {
             "article.created",
             rx.url("/bob"),
             Some(2),
-            "bob-secret-(~)",
+            // Thorn's own known answers sign with this key: no minimum.
+            "KEY",
             "sha512",
         ),
         (ANON, "*", rx.url("/anon"), None, "anonymous-secret", "sha1"),
@@ -161,7 +162,7 @@ async fn imports_a_thorn_table_and_the_subscribers_verify_deliveries() {
         ("/alice", ALICE, "sha256", "alice's #1 secret!"),
         ("/alice", ALICE, "sha256", "alice's #1 secret!"),
         ("/anon", ANON, "sha1", "anonymous-secret"),
-        ("/bob", BOB, "sha512", "bob-secret-(~)"),
+        ("/bob", BOB, "sha512", "KEY"),
     ];
     for (got, (path, id, digest, secret)) in alices.iter().chain(all.iter()).zip(secrets) {
         assert_eq!(got.path, path);
