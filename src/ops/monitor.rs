@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -114,7 +115,21 @@ impl Monitor {
         let row = match result {
             Ok(Ok(row)) => row,
             Ok(Err(error)) => {
-                tracing::warn!(error = %crate::db::Why(&error), "the monitor's backlog query failed");
+                // Before start-up has migrated a new database, its tables
+                // (or a newer schema's columns) are not there yet: nothing
+                // to warn about.
+                let missing = [
+                    SqlState::UNDEFINED_TABLE,
+                    SqlState::UNDEFINED_COLUMN,
+                    SqlState::UNDEFINED_FUNCTION,
+                ];
+                let unmigrated = error.code().is_some_and(|c| missing.contains(c))
+                    && !self.state.ready.load(Ordering::SeqCst);
+                if unmigrated {
+                    tracing::debug!(error = %crate::db::Why(&error), "the monitor waits for the migrations");
+                } else {
+                    tracing::warn!(error = %crate::db::Why(&error), "the monitor's backlog query failed");
+                }
                 *client = None;
                 return None;
             }

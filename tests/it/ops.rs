@@ -803,3 +803,16 @@ async fn readyz_until(addr: SocketAddr, wanted: impl Fn(u16, &str) -> bool, why:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The first start on a new database warns about nothing: the monitor's
+/// first look may come before start-up has made thorn's tables.
+#[tokio::test]
+async fn a_first_start_on_a_new_database_warns_about_nothing() {
+    let t = TestDb::empty().await;
+    let mut daemon = crate::process::Process::run(&binary_config(&t, ""));
+    daemon.wait_for_log("ready", WAIT).await;
+    daemon.stop_cleanly(WAIT).await;
+    let log = daemon.log();
+    assert!(log.contains("applied migration"), "{log}");
+    assert!(!log.contains(r#""level":"WARN""#), "{log}");
+}
