@@ -33,8 +33,8 @@ AS $$
 DECLARE
     hint text;
 BEGIN
-    -- thorn.sync_config_subscribers sets the flag (its SET clause) and
-    -- runs as its owner; anyone else setting it changes nothing.
+    -- thorn.sync_config_subscribers sets the flag and runs as its owner;
+    -- anyone else setting it changes nothing.
     IF current_setting('thorn.config_sync', true) = 'on'
        AND current_user = (SELECT pg_get_userbyid(p.proowner) FROM pg_proc p
                            WHERE p.oid = 'thorn.sync_config_subscribers(jsonb)'::regprocedure) THEN
@@ -110,15 +110,21 @@ CREATE FUNCTION thorn.sync_config_subscribers(entries jsonb)
 RETURNS TABLE (entry text, subscriber_id uuid, change text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET thorn.config_sync = 'on'
 AS $$
 DECLARE
     removed CONSTANT text := thorn.config_removed_reason();
+    flag_before CONSTANT text := current_setting('thorn.config_sync', true);
 BEGIN
     IF jsonb_typeof(entries) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'thorn.sync_config_subscribers: entries must be a JSON object of name → subscriber';
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('thorn.sync_config_subscribers'));
+    -- The flag the triggers trust from this function's owner, put back
+    -- before returning. (Not a SET clause: PostgreSQL 15 lets only a
+    -- superuser store a custom parameter on a function, and a schema owner
+    -- that is not one could not create it. Edited in place: a database
+    -- that has this function was migrated by one, or on PostgreSQL 14.)
+    PERFORM set_config('thorn.config_sync', 'on', true);
 
     RETURN QUERY
     WITH changed AS (
@@ -167,6 +173,7 @@ BEGIN
         RETURNING s.config_name, s.id
     )
     SELECT r.config_name, r.id, 'removed' FROM switched_off AS r;
+    PERFORM set_config('thorn.config_sync', coalesce(flag_before, ''), true);
 END
 $$;
 REVOKE ALL ON FUNCTION thorn.sync_config_subscribers(jsonb) FROM PUBLIC;

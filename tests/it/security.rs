@@ -944,3 +944,71 @@ async fn a_table_owner_cannot_run_a_cast_to_json_as_the_schema_owner() {
         .await
         .expect("cleanup");
 }
+
+/// Event triggers need a superuser: a database first migrated by another
+/// role has no DDL guard. `thorn migrate` says so, and run later as a
+/// superuser it creates the guard (sql/0023), which then refuses what it
+/// guards against; migrations had never made it after the fact.
+#[tokio::test]
+async fn a_superusers_migrate_completes_the_guard_another_role_could_not_make() {
+    let t = TestDb::empty().await;
+    let admin = t.client().await;
+    let owner = crate::support::Role::create(&t).await;
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO {0}', current_database()); END $$;
+             GRANT CREATE ON SCHEMA public TO {0}",
+            owner.name
+        ))
+        .await
+        .expect("the owner's rights");
+    let guard = || async {
+        admin
+            .query_one(
+                "SELECT ARRAY(SELECT evtname::text FROM pg_event_trigger
+                              WHERE evtname LIKE 'thorn\\_%' ORDER BY evtname)",
+                &[],
+            )
+            .await
+            .expect("pg_event_trigger")
+            .get::<_, Vec<String>>(0)
+    };
+
+    let (code, out, err) = crate::support::thorn_cli(&owner.url(), &["migrate"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("note: the DDL guard's event triggers") && out.contains("are missing"),
+        "{out}"
+    );
+    assert_eq!(guard().await, Vec::<String>::new());
+    let app = crate::support::connect(&owner.url()).await;
+    app.batch_execute(
+        "CREATE TABLE public.article (id serial PRIMARY KEY, title text, secret text);
+         SELECT thorn.webhook_model('public.article', exclude => ARRAY['secret']);",
+    )
+    .await
+    .expect("annotated by its owner");
+
+    let (code, out, err) = crate::support::thorn_cli(&t.url, &["migrate"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("created the DDL guard's event triggers"),
+        "{out}"
+    );
+    assert_eq!(
+        guard().await,
+        [
+            "thorn_ddl_columns",
+            "thorn_ddl_forget",
+            "thorn_ddl_guard",
+            "thorn_ddl_partitions"
+        ]
+    );
+    // Renaming an excluded column would start sending it: refused now.
+    app.batch_execute("ALTER TABLE public.article RENAME COLUMN secret TO shown")
+        .await
+        .expect_err("the guard refuses");
+    let (code, out, _) = crate::support::thorn_cli(&t.url, &["migrate"]).await;
+    assert_eq!(code, 0);
+    assert!(!out.contains("DDL guard"), "{out}");
+}

@@ -887,3 +887,54 @@ pub fn captured_logs() -> &'static Captured {
         logs
     })
 }
+
+/// A login role for one test, dropped with its privileges afterwards (even
+/// when the test fails: roles belong to the whole cluster).
+pub struct Role {
+    pub name: String,
+    db_url: String,
+}
+
+impl Role {
+    pub async fn create(t: &TestDb) -> Role {
+        let name = format!(
+            "thorn_role_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        t.client()
+            .await
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN"))
+            .await
+            .expect("create role");
+        Role {
+            name,
+            db_url: t.url.clone(),
+        }
+    }
+
+    /// The test database's URL, logging in as this role (trust auth).
+    pub fn url(&self) -> String {
+        let mut u = url::Url::parse(&self.db_url).expect("url");
+        let _ = u.set_username(&self.name);
+        u.to_string()
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let (name, url) = (self.name.clone(), self.db_url.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let db = thorn::db::connect(&url).await.ok()?;
+                db.batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE {name}"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
