@@ -988,6 +988,17 @@ async fn a_superusers_migrate_completes_the_guard_another_role_could_not_make() 
     )
     .await
     .expect("annotated by its owner");
+    // Schema 15's sync, made by this role, writes the config's rows, and
+    // outside it they stay the config's.
+    app.batch_execute(
+        r#"SELECT count(*) FROM thorn.sync_config_subscribers(
+               '{"c": {"event": "article.*", "url": "https://example.com/"}}')"#,
+    )
+    .await
+    .expect("the config's sync");
+    app.batch_execute("UPDATE thorn.subscriber SET event = 'b.*' WHERE config_name = 'c'")
+        .await
+        .expect_err("only the config changes its rows");
 
     let (code, out, err) = crate::support::thorn_cli(&t.url, &["migrate"]).await;
     assert_eq!(code, 0, "{out}{err}");
