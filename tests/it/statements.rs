@@ -66,6 +66,18 @@ async fn run(db: &Client, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
 }
 
+/// Runs `sql`, then [`take`]s the events it wrote.
+async fn written(db: &Client, sql: &str) -> Vec<(String, Value)> {
+    run(db, sql).await;
+    take(db).await
+}
+
+/// Runs `sql`, then [`take_unordered`]s the events it wrote.
+async fn written_unordered(db: &Client, sql: &str) -> Vec<(String, Value)> {
+    run(db, sql).await;
+    take_unordered(db).await
+}
+
 /// An upsert is an INSERT for the rows it inserts and an UPDATE for those
 /// it updates: created for new rows, changed only when something watched
 /// changed, nothing for rows left alone (DO NOTHING, a false WHERE).
@@ -73,29 +85,27 @@ async fn run(db: &Client, sql: &str) {
 async fn upserts_emit_created_for_new_rows_and_changed_only_for_real_changes() {
     let t = TestDb::new().await;
     let db = t.client().await;
-    run(
-        &db,
-        &format!(
-            "{ITEM};
+    assert_eq!(
+        written(
+            &db,
+            &format!(
+                "{ITEM};
              SELECT thorn.webhook_model('public.item', reference => '/item/{{id}}/',
                                         watch => ARRAY['title', 'state']);
              INSERT INTO item (id, title) VALUES (1, 'a');"
-        ),
-    )
-    .await;
-    assert_eq!(
-        take(&db).await,
+            )
+        )
+        .await,
         [ev("item.created", item(1, "a", "draft", 0))]
     );
 
     let upsert = "ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title";
-    run(
-        &db,
-        &format!("INSERT INTO item (id, title) VALUES (2, 'b') {upsert}"),
-    )
-    .await;
     assert_eq!(
-        take(&db).await,
+        written(
+            &db,
+            &format!("INSERT INTO item (id, title) VALUES (2, 'b') {upsert}")
+        )
+        .await,
         [ev("item.created", item(2, "b", "draft", 0))]
     );
 
@@ -131,26 +141,24 @@ async fn upserts_emit_created_for_new_rows_and_changed_only_for_real_changes() {
     assert_eq!(take(&db).await, []);
 
     // One statement: a change, an update to the same values, an insert.
-    run(
-        &db,
-        &format!("INSERT INTO item (id, title) VALUES (1, 'a3'), (2, 'b'), (3, 'c') {upsert}"),
-    )
-    .await;
     assert_eq!(
-        take_unordered(&db).await,
+        written_unordered(
+            &db,
+            &format!("INSERT INTO item (id, title) VALUES (1, 'a3'), (2, 'b'), (3, 'c') {upsert}")
+        )
+        .await,
         [
             ev("item.changed", item(1, "a3", "draft", 1)),
             ev("item.created", item(3, "c", "draft", 0)),
         ]
     );
 
-    run(
-        &db,
-        "INSERT INTO item (id, title) VALUES (1, 'skipped'), (4, 'd') ON CONFLICT DO NOTHING",
-    )
-    .await;
     assert_eq!(
-        take(&db).await,
+        written(
+            &db,
+            "INSERT INTO item (id, title) VALUES (1, 'skipped'), (4, 'd') ON CONFLICT DO NOTHING"
+        )
+        .await,
         [ev("item.created", item(4, "d", "draft", 0))]
     );
 
@@ -196,17 +204,16 @@ async fn upsert_conditions_see_the_existing_row_as_old() {
     assert_eq!(take(&db).await, []);
 
     let upsert = "ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title, state = EXCLUDED.state";
-    run(
-        &db,
-        &format!(
-            "INSERT INTO item (id, title, state) VALUES
+    assert_eq!(
+        written_unordered(
+            &db,
+            &format!(
+                "INSERT INTO item (id, title, state) VALUES
                  (1, 'a', 'published'), (2, 'b2', 'draft'), (3, 'c', 'published'), (4, 'd', 'draft')
              {upsert}"
-        ),
-    )
-    .await;
-    assert_eq!(
-        take_unordered(&db).await,
+            )
+        )
+        .await,
         [
             ev("item.born_published", item(3, "c", "published", 0)),
             ev("item.published", item(1, "a", "published", 0)),
@@ -309,9 +316,10 @@ async fn rolled_back_savepoints_discard_only_their_events() {
     );
 
     // A PL/pgSQL EXCEPTION block is a subtransaction too.
-    run(
-        &db,
-        "DO $$
+    assert_eq!(
+        written(
+            &db,
+            "DO $$
          BEGIN
              BEGIN
                  INSERT INTO item (id, title) VALUES (6, 'failed part');
@@ -326,11 +334,9 @@ async fn rolled_back_savepoints_discard_only_their_events() {
                  NULL;
              END;
              DELETE FROM item WHERE id = 3;
-         END $$;",
-    )
-    .await;
-    assert_eq!(
-        take(&db).await,
+         END $$;"
+        )
+        .await,
         [
             ev("item.created", item(7, "handler", "draft", 0)),
             ev("item.removed", item(3, "released", "draft", 0)),
@@ -402,16 +408,15 @@ async fn joins_returning_and_views_are_captured_once_per_row() {
         [ev("item.changed", item(1, "A", "draft", 1))]
     );
 
-    run(
-        &db,
-        "CREATE VIEW live_item AS SELECT * FROM item WHERE state <> 'deleted';
+    assert_eq!(
+        written(
+            &db,
+            "CREATE VIEW live_item AS SELECT * FROM item WHERE state <> 'deleted';
          INSERT INTO live_item (id, title) VALUES (9, 'viewed');
          UPDATE live_item SET state = 'published' WHERE id = 9;
-         DELETE FROM live_item WHERE id = 9;",
-    )
-    .await;
-    assert_eq!(
-        take(&db).await,
+         DELETE FROM live_item WHERE id = 9;"
+        )
+        .await,
         [
             ev("item.created", item(9, "viewed", "draft", 0)),
             ev("item.changed", item(9, "viewed", "published", 0)),
@@ -436,14 +441,13 @@ async fn writable_ctes_that_write_the_table_twice() {
     )
     .await;
 
-    run(
-        &db,
-        "WITH u AS (UPDATE item SET title = title || '!' RETURNING id, title)
-         INSERT INTO item (id, title) SELECT id + 100, title FROM u",
-    )
-    .await;
     assert_eq!(
-        take_unordered(&db).await,
+        written_unordered(
+            &db,
+            "WITH u AS (UPDATE item SET title = title || '!' RETURNING id, title)
+         INSERT INTO item (id, title) SELECT id + 100, title FROM u"
+        )
+        .await,
         [
             ev("item.changed", item(1, "a!", "draft", 0)),
             ev("item.changed", item(2, "b!", "draft", 0)),
@@ -453,14 +457,13 @@ async fn writable_ctes_that_write_the_table_twice() {
     );
 
     // Two UPDATEs share one pair of transition tables: one change each.
-    run(
-        &db,
-        "WITH u AS (UPDATE item SET title = 'u1' WHERE id = 1 RETURNING id)
-         UPDATE item SET title = 'u2' WHERE id = 2",
-    )
-    .await;
     assert_eq!(
-        take_unordered(&db).await,
+        written_unordered(
+            &db,
+            "WITH u AS (UPDATE item SET title = 'u1' WHERE id = 1 RETURNING id)
+         UPDATE item SET title = 'u2' WHERE id = 2"
+        )
+        .await,
         [
             ev("item.changed", item(1, "u1", "draft", 0)),
             ev("item.changed", item(2, "u2", "draft", 0)),
@@ -483,29 +486,27 @@ async fn writable_ctes_that_write_the_table_twice() {
     assert_eq!(take(&db).await, [ev("item.changed", stored)]);
 
     // A row moved to another key: removed, then created.
-    run(
-        &db,
-        "WITH d AS (DELETE FROM item WHERE id = 101 RETURNING *)
-         INSERT INTO item SELECT id + 100, title, state, hits FROM d",
-    )
-    .await;
     assert_eq!(
-        take(&db).await,
+        written(
+            &db,
+            "WITH d AS (DELETE FROM item WHERE id = 101 RETURNING *)
+         INSERT INTO item SELECT id + 100, title, state, hits FROM d"
+        )
+        .await,
         [
             ev("item.removed", item(101, "a!", "draft", 0)),
             ev("item.created", item(201, "a!", "draft", 0)),
         ]
     );
 
-    run(
-        &db,
-        "WITH u AS (UPDATE item SET title = 'cte' WHERE id = 1 RETURNING id)
-         INSERT INTO item (id, title) VALUES (2, 'upserted'), (3, 'new')
-         ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title",
-    )
-    .await;
     assert_eq!(
-        take_unordered(&db).await,
+        written_unordered(
+            &db,
+            "WITH u AS (UPDATE item SET title = 'cte' WHERE id = 1 RETURNING id)
+         INSERT INTO item (id, title) VALUES (2, 'upserted'), (3, 'new')
+         ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title"
+        )
+        .await,
         [
             ev("item.changed", item(1, "cte", "draft", 0)),
             ev("item.changed", item(2, "upserted", "draft", 0)),
@@ -547,14 +548,13 @@ async fn before_triggers_shape_the_stored_row_and_skipped_rows_emit_nothing() {
     .await;
     let doc = |id: i32, title: &str, locked: bool, revision: i32| json!({"id": id, "title": title, "locked": locked, "revision": revision});
 
-    run(
-        &db,
-        "INSERT INTO doc (id, title, locked) VALUES
-             (1, '  one  ', false), (2, 'skip', false), (3, 'three', true), (4, ' four', false)",
-    )
-    .await;
     assert_eq!(
-        take(&db).await,
+        written(
+            &db,
+            "INSERT INTO doc (id, title, locked) VALUES
+             (1, '  one  ', false), (2, 'skip', false), (3, 'three', true), (4, ' four', false)"
+        )
+        .await,
         [
             ev("doc.created", doc(1, "one", false, 1)),
             ev("doc.created", doc(3, "three", true, 1)),
@@ -624,15 +624,14 @@ async fn generated_and_identity_columns_are_in_the_data() {
         ]
     );
 
-    run(
-        &db,
-        "UPDATE line SET price = 6, qty = 2 WHERE id = 1;  -- total stays 12
-         UPDATE line SET qty = 3 WHERE id = 2;
-         DELETE FROM line WHERE id = 3;",
-    )
-    .await;
     assert_eq!(
-        take(&db).await,
+        written(
+            &db,
+            "UPDATE line SET price = 6, qty = 2 WHERE id = 1;  -- total stays 12
+         UPDATE line SET qty = 3 WHERE id = 2;
+         DELETE FROM line WHERE id = 3;"
+        )
+        .await,
         [
             ev("line.changed", line(2, 2, 5, 3)),
             ev("line.removed", line(3, 10, 1, 1)),
@@ -659,19 +658,18 @@ async fn merge_emits_created_changed_and_removed_in_one_statement() {
     )
     .await;
 
-    run(
-        &db,
-        "MERGE INTO item t
+    assert_eq!(
+        written_unordered(
+            &db,
+            "MERGE INTO item t
          USING (VALUES (1, 'A', 'published'), (2, 'b', 'draft'), (3, NULL, NULL), (5, 'e', 'draft'))
              AS s (id, title, state)
          ON t.id = s.id
          WHEN MATCHED AND s.title IS NULL THEN DELETE
          WHEN MATCHED THEN UPDATE SET title = s.title, state = s.state
-         WHEN NOT MATCHED THEN INSERT (id, title, state) VALUES (s.id, s.title, s.state)",
-    )
-    .await;
-    assert_eq!(
-        take_unordered(&db).await,
+         WHEN NOT MATCHED THEN INSERT (id, title, state) VALUES (s.id, s.title, s.state)"
+        )
+        .await,
         [
             ev("item.changed", item(1, "A", "published", 0)),
             ev("item.created", item(5, "e", "draft", 0)),
@@ -708,14 +706,13 @@ async fn upsert_copy_and_merge_through_a_partitioned_table() {
     .await;
     let part = |id: i32, title: &str| json!({"id": id, "title": title});
 
-    run(
-        &db,
-        "INSERT INTO part VALUES (1, 'a2'), (150, 'b'), (2, 'c'), (151, 'd')
-         ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title",
-    )
-    .await;
     assert_eq!(
-        take_unordered(&db).await,
+        written_unordered(
+            &db,
+            "INSERT INTO part VALUES (1, 'a2'), (150, 'b'), (2, 'c'), (151, 'd')
+         ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title"
+        )
+        .await,
         [
             ev("part.changed", part(1, "a2")),
             ev("part.created", part(151, "d")),
@@ -734,17 +731,16 @@ async fn upsert_copy_and_merge_through_a_partitioned_table() {
         ]
     );
 
-    run(
-        &db,
-        "MERGE INTO part t USING (VALUES (1, 'm'), (160, NULL), (170, 'new')) AS s (id, title)
+    assert_eq!(
+        written_unordered(
+            &db,
+            "MERGE INTO part t USING (VALUES (1, 'm'), (160, NULL), (170, 'new')) AS s (id, title)
          ON t.id = s.id
          WHEN MATCHED AND s.title IS NULL THEN DELETE
          WHEN MATCHED THEN UPDATE SET title = s.title
-         WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.title)",
-    )
-    .await;
-    assert_eq!(
-        take_unordered(&db).await,
+         WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.title)"
+        )
+        .await,
         [
             ev("part.changed", part(1, "m")),
             ev("part.created", part(170, "new")),
@@ -752,14 +748,9 @@ async fn upsert_copy_and_merge_through_a_partitioned_table() {
         ]
     );
 
-    run(
-        &db,
-        "INSERT INTO part_low VALUES (5, 'direct') ON CONFLICT (id) DO NOTHING;
-         INSERT INTO part_low VALUES (5, 'direct!') ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title;",
-    )
-    .await;
     assert_eq!(
-        take(&db).await,
+        written(&db, "INSERT INTO part_low VALUES (5, 'direct') ON CONFLICT (id) DO NOTHING;
+         INSERT INTO part_low VALUES (5, 'direct!') ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title;").await,
         [
             ev("part.created", part(5, "direct")),
             ev("part.changed", part(5, "direct!")),
@@ -787,9 +778,10 @@ async fn two_tables_follow_statement_order_and_cascades_are_captured() {
     let book =
         |id: i32, title: &str, author: i32| json!({"id": id, "title": title, "author_id": author});
 
-    run(
-        &db,
-        "BEGIN;
+    assert_eq!(
+        written(
+            &db,
+            "BEGIN;
          INSERT INTO author VALUES (1, 'ann');
          INSERT INTO book VALUES (10, 'first', 1);
          UPDATE author SET name = 'Ann';
@@ -797,11 +789,9 @@ async fn two_tables_follow_statement_order_and_cascades_are_captured() {
          UPDATE book SET title = 'First' WHERE id = 10;
          DELETE FROM book WHERE id = 11;
          INSERT INTO author VALUES (2, 'bob');
-         COMMIT;",
-    )
-    .await;
-    assert_eq!(
-        take(&db).await,
+         COMMIT;"
+        )
+        .await,
         [
             ev("author.created", author(1, "ann")),
             ev("book.created", book(10, "first", 1)),
