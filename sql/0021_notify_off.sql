@@ -17,7 +17,11 @@
 --
 -- The setting is read with its schema-qualified function and operator, as
 -- everything the captures run (see 0006): about 0.2 µs a statement.
--- Swap the test into _install and reinstall every capture, as 0016 did.
+-- Swap the test into _install, for captures made from now on, and into
+-- every capture function made before. Replacing a function takes no lock
+-- on its table and checks nothing again, so neither the application's
+-- writes nor an annotation left stale by DDL made without the guard hold
+-- up the upgrade (reinstalling the triggers would do both).
 
 DO $$
 DECLARE
@@ -28,20 +32,23 @@ DECLARE
                    AND COALESCE(pg_catalog.current_setting('thorn.notify', true), '') OPERATOR(pg_catalog.<>) 'off'
                    AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(1953001330, 1) THEN$new$;
     def text := pg_get_functiondef('thorn._install(regclass)'::regprocedure);
-    tbl regclass;
+    fn regprocedure;
 BEGIN
     IF strpos(def, old_wakeup) = 0 THEN
         RAISE EXCEPTION 'thorn: _install(regclass) does not wake the daemon as schema 6 made it';
     END IF;
     EXECUTE replace(def, old_wakeup, new_wakeup);
 
-    FOR tbl IN SELECT table_name FROM thorn.model ORDER BY table_name::text LOOP
-        BEGIN
-            PERFORM thorn._install(tbl);
-        EXCEPTION WHEN insufficient_privilege OR feature_not_supported OR ambiguous_column THEN
-            RAISE WARNING 'thorn: % keeps its capture of schema 20 (%): its writers notify whatever thorn.notify says until it is annotated again',
-                tbl, SQLERRM;
-        END;
+    FOR fn IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace = 'thorn'::regnamespace AND p.proname LIKE 'capture\_%'
+              ORDER BY p.proname LOOP
+        def := pg_get_functiondef(fn);
+        IF strpos(def, old_wakeup) > 0 THEN
+            EXECUTE replace(def, old_wakeup, new_wakeup);
+        ELSE
+            RAISE WARNING 'thorn: % does not wake the daemon as schema 6 made it: its writers notify whatever thorn.notify says until its table is annotated again',
+                fn;
+        END IF;
     END LOOP;
 END
 $$;

@@ -322,19 +322,6 @@ async fn run(
             } else {
                 println!("applied migrations {applied:?}");
             }
-            // A database first migrated by another role lacks them
-            // (sql/0023); an operator's migrate as a superuser adds them.
-            use thorn::db::migrate::{complete_ddl_guard, Guard};
-            match complete_ddl_guard(&client).await? {
-                Guard::Complete => {}
-                Guard::Created(names) => {
-                    println!("created the DDL guard's event triggers {names:?}");
-                }
-                Guard::Missing(names) => println!(
-                    "note: the DDL guard's event triggers {names:?} are missing; \
-                     `thorn migrate` as a superuser creates them (docs/security.md)"
-                ),
-            }
             Ok(())
         }
         Command::Run => {

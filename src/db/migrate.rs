@@ -90,11 +90,6 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "any_secret",
         include_str!("../../sql/0022_any_secret.sql"),
     ),
-    (
-        23,
-        "ddl_guard_later",
-        include_str!("../../sql/0023_ddl_guard_later.sql"),
-    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.
@@ -204,52 +199,6 @@ async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
         applied.push(version);
     }
     Ok(applied)
-}
-
-/// The event triggers of the DDL guard (docs/security.md, §6).
-pub const DDL_GUARD: [&str; 4] = [
-    "thorn_ddl_guard",
-    "thorn_ddl_forget",
-    "thorn_ddl_partitions",
-    "thorn_ddl_columns",
-];
-
-/// What [`complete_ddl_guard`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Guard {
-    Complete,
-    /// Created now (by a superuser).
-    Created(Vec<String>),
-    /// Missing, and this role may not create them.
-    Missing(Vec<String>),
-}
-
-/// Creates the DDL guard's missing event triggers when connected as a
-/// superuser (sql/0023): a database first migrated by another role never
-/// got them. Called by `thorn migrate`, not at the daemon's start, so that
-/// a guard someone dropped on purpose stays dropped until an operator
-/// migrates.
-pub async fn complete_ddl_guard(client: &Client) -> Result<Guard, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT ARRAY(SELECT g FROM unnest($1::text[]) AS g
-                          WHERE g NOT IN (SELECT evtname FROM pg_event_trigger)),
-                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
-            &[&&DDL_GUARD[..]],
-        )
-        .await?;
-    let (missing, superuser): (Vec<String>, bool) = (row.try_get(0)?, row.try_get(1)?);
-    if missing.is_empty() {
-        return Ok(Guard::Complete);
-    }
-    if !superuser {
-        return Ok(Guard::Missing(missing));
-    }
-    let made: Vec<String> = client
-        .query_one("SELECT thorn.install_ddl_guard()", &[])
-        .await?
-        .try_get(0)?;
-    Ok(Guard::Created(made))
 }
 
 /// The schema version of the database (0 when thorn was never migrated).

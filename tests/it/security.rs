@@ -945,12 +945,14 @@ async fn a_table_owner_cannot_run_a_cast_to_json_as_the_schema_owner() {
         .expect("cleanup");
 }
 
-/// Event triggers need a superuser: a database first migrated by another
-/// role has no DDL guard. `thorn migrate` says so, and run later as a
-/// superuser it creates the guard (sql/0023), which then refuses what it
-/// guards against; migrations had never made it after the fact.
+/// A schema owner that is not a superuser (a managed database's
+/// administrator role, say) migrates a new database: on PostgreSQL 15 that
+/// failed at schema 15, whose function stored a custom parameter in a SET
+/// clause, which only a superuser may do. Without a superuser there is no
+/// DDL guard (event triggers need one); the config's sync works and guards
+/// its rows all the same.
 #[tokio::test]
-async fn a_superusers_migrate_completes_the_guard_another_role_could_not_make() {
+async fn a_schema_owner_that_is_not_a_superuser_can_migrate() {
     let t = TestDb::empty().await;
     let admin = t.client().await;
     let owner = crate::support::Role::create(&t).await;
@@ -962,32 +964,34 @@ async fn a_superusers_migrate_completes_the_guard_another_role_could_not_make() 
         ))
         .await
         .expect("the owner's rights");
-    let guard = || async {
-        admin
-            .query_one(
-                "SELECT ARRAY(SELECT evtname::text FROM pg_event_trigger
-                              WHERE evtname LIKE 'thorn\\_%' ORDER BY evtname)",
-                &[],
-            )
-            .await
-            .expect("pg_event_trigger")
-            .get::<_, Vec<String>>(0)
-    };
 
     let (code, out, err) = crate::support::thorn_cli(&owner.url(), &["migrate"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("note: the DDL guard's event triggers") && out.contains("are missing"),
-        "{out}"
-    );
-    assert_eq!(guard().await, Vec::<String>::new());
+    assert!(out.contains("applied migrations"), "{out}");
+    let guard: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'thorn\\_%'",
+            &[],
+        )
+        .await
+        .expect("pg_event_trigger")
+        .get(0);
+    assert_eq!(guard, 0);
+
     let app = crate::support::connect(&owner.url()).await;
     app.batch_execute(
         "CREATE TABLE public.article (id serial PRIMARY KEY, title text, secret text);
-         SELECT thorn.webhook_model('public.article', exclude => ARRAY['secret']);",
+         SELECT thorn.webhook_model('public.article', exclude => ARRAY['secret']);
+         INSERT INTO public.article (title, secret) VALUES ('a', 's');",
     )
     .await
-    .expect("annotated by its owner");
+    .expect("annotated and written by its owner");
+    let events: i64 = app
+        .query_one("SELECT count(*) FROM thorn.event", &[])
+        .await
+        .expect("events")
+        .get(0);
+    assert_eq!(events, 1);
     // Schema 15's sync, made by this role, writes the config's rows, and
     // outside it they stay the config's.
     app.batch_execute(
@@ -999,27 +1003,4 @@ async fn a_superusers_migrate_completes_the_guard_another_role_could_not_make() 
     app.batch_execute("UPDATE thorn.subscriber SET event = 'b.*' WHERE config_name = 'c'")
         .await
         .expect_err("only the config changes its rows");
-
-    let (code, out, err) = crate::support::thorn_cli(&t.url, &["migrate"]).await;
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("created the DDL guard's event triggers"),
-        "{out}"
-    );
-    assert_eq!(
-        guard().await,
-        [
-            "thorn_ddl_columns",
-            "thorn_ddl_forget",
-            "thorn_ddl_guard",
-            "thorn_ddl_partitions"
-        ]
-    );
-    // Renaming an excluded column would start sending it: refused now.
-    app.batch_execute("ALTER TABLE public.article RENAME COLUMN secret TO shown")
-        .await
-        .expect_err("the guard refuses");
-    let (code, out, _) = crate::support::thorn_cli(&t.url, &["migrate"]).await;
-    assert_eq!(code, 0);
-    assert!(!out.contains("DDL guard"), "{out}");
 }

@@ -930,7 +930,7 @@ impl Drop for Role {
                 .ok()?;
             rt.block_on(async {
                 let db = thorn::db::connect(&url).await.ok()?;
-                db.batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE {name}"))
+                db.batch_execute(&format!("DROP OWNED BY {name} CASCADE; DROP ROLE {name}"))
                     .await
                     .ok()
             })
