@@ -146,7 +146,7 @@ impl std::fmt::Display for Status {
                 let reason = s
                     .deactivated_reason
                     .as_deref()
-                    .unwrap_or("disabled by an operator");
+                    .unwrap_or("switched off, no reason given");
                 writeln!(f, "  {} {} {} ({reason})", s.id, s.event, s.url)?;
             }
         }

@@ -24,7 +24,7 @@ pub struct Args {
 pub enum SubscriberCommand {
     /// Subscribe a URL to an event pattern; prints the new row with its secret
     Add {
-        /// Event pattern, e.g. article.* (DESIGN.md §3)
+        /// Event pattern: dot-separated segments, * for one, a trailing * for one or more (article.*)
         #[arg(long)]
         event: String,
         #[arg(long)]

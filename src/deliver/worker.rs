@@ -727,7 +727,8 @@ fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
                 error_class = failure.class(),
                 status = code,
                 error = attempt.error.as_deref().unwrap_or(""),
-                retry_in = ?next,
+                // Absent when the delivery is now dead.
+                retry_in = next.map(tracing::field::debug),
                 "delivery failed"
             );
             (state, next.unwrap_or_default(), code, Some(failure.class()))
