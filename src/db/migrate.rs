@@ -90,6 +90,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "any_secret",
         include_str!("../../sql/0022_any_secret.sql"),
     ),
+    (
+        23,
+        "sync_flag_in_body",
+        include_str!("../../sql/0023_sync_flag_in_body.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -809,6 +809,7 @@ upgrades! {
     from_schema_19: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
     from_schema_20: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
     from_schema_21: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+    from_schema_22: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22],
 }
 
 // The first migrations were numbered out of order (git log: 0005 came before
@@ -823,7 +824,7 @@ upgrades! {
 #[test]
 fn every_earlier_schema_is_tried() {
     // A new migration makes the latest an earlier schema: add it above.
-    assert_eq!(thorn::db::migrate::latest(), 22);
+    assert_eq!(thorn::db::migrate::latest(), 23);
 }
 
 /// sql/roles.sql as it was when schema 6 was the latest (git show
@@ -891,4 +892,67 @@ async fn a_least_privilege_daemon_set_up_at_schema_6_still_delivers_after_the_up
     let got = rx.expect(1, Duration::from_secs(5), QUIET).await;
     assert_eq!(got[0].header("hook-event"), "article.created");
     daemon.stop().await;
+}
+
+/// Databases migrated before sql/0015 set its flag in the function's body
+/// have the sync function with a SET clause; schema 23 gives them the
+/// text that 0015 makes now, and the sync keeps working and guarding.
+#[tokio::test]
+async fn a_sync_function_with_the_old_set_clause_is_rewritten() {
+    let versions: Vec<i32> = (1..=22).collect();
+    let t = database_at(&versions).await;
+    let mut db = t.client().await;
+    let source = || async {
+        texts(
+            &t.client().await,
+            "SELECT prosrc || ' ' || coalesce(array_to_string(proconfig, ';'), '') FROM pg_proc
+             WHERE oid = 'thorn.sync_config_subscribers(jsonb)'::regprocedure",
+        )
+        .await
+    };
+    let current = source().await;
+    // The function as schema 15 made it before: the flag in a SET clause.
+    let def: String = db
+        .query_one(
+            "SELECT pg_get_functiondef('thorn.sync_config_subscribers(jsonb)'::regprocedure)",
+            &[],
+        )
+        .await
+        .expect("def")
+        .get(0);
+    let block = def
+        .find("    -- The flag the triggers trust")
+        .zip(def.find("    PERFORM set_config('thorn.config_sync', 'on', true);\n"))
+        .expect("the body's flag");
+    let old = format!(
+        "{}{}",
+        &def[..block.0],
+        &def[block.1 + "    PERFORM set_config('thorn.config_sync', 'on', true);\n".len()..]
+    )
+    .replace(
+        "    flag_before CONSTANT text := current_setting('thorn.config_sync', true);\n",
+        "",
+    )
+    .replace(
+        "    PERFORM set_config('thorn.config_sync', coalesce(flag_before, ''), true);\n",
+        "",
+    )
+    .replace(
+        " SET search_path TO 'pg_catalog', 'pg_temp'\n",
+        " SET search_path TO 'pg_catalog', 'pg_temp'\n SET \"thorn.config_sync\" TO 'on'\n",
+    );
+    db.batch_execute(&old).await.expect("the old function");
+    assert_ne!(source().await, current);
+
+    thorn::db::migrate::migrate(&mut db).await.expect("migrate");
+    assert_eq!(source().await, current, "the text sql/0015 makes now");
+    db.batch_execute(
+        r#"SELECT count(*) FROM thorn.sync_config_subscribers(
+               '{"c": {"event": "article.*", "url": "https://example.com/"}}')"#,
+    )
+    .await
+    .expect("the config's sync");
+    db.batch_execute("UPDATE thorn.subscriber SET event = 'b.*' WHERE config_name = 'c'")
+        .await
+        .expect_err("only the config changes its rows");
 }
