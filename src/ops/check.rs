@@ -74,12 +74,38 @@ pub fn check(
     for p in &mut problems {
         if let Some(var) = env_var(&p.key).filter(|v| env.contains_key(v)) {
             p.message.push_str(&format!(" (set by {var})"));
+            if let Some(here) = django_thorn_setting(&var) {
+                p.message.push_str(&format!(
+                    "; that is Django Thorn's setting, here {here} (docs/migrating-from-thorn.md)"
+                ));
+            }
         }
     }
     match config {
         Some(c) if problems.is_empty() => Ok(c),
         _ => Err(problems),
     }
+}
+
+/// What stands here for a setting of Django Thorn, which a deployment
+/// being moved over may still have in its environment.
+fn django_thorn_setting(var: &str) -> Option<&'static str> {
+    Some(match var {
+        "THORN_EVENT_TIMEOUT" => "delivery.timeout (THORN_DELIVERY__TIMEOUT, e.g. \"3s\")",
+        "THORN_RETRY" | "THORN_RETRY_MAX" | "THORN_RETRY_DELAY" => {
+            "delivery.retry_schedule, a list of delays"
+        }
+        "THORN_RECIPIENT_VALIDATORS" => {
+            "security.allow_networks, security.https_only and security.allowed_ports"
+        }
+        "THORN_ALLOW_REDIRECTS" => "nothing: redirects are never followed",
+        "THORN_HMAC_SIGNER" => "each subscriber's hmac_signer",
+        "THORN_CHUNKSIZE" => "dispatch.batch_size and delivery.batch_size",
+        "THORN_DRF_PERMISSION_CLASSES" => "the [api] section's bearer tokens",
+        "THORN_SIGNAL_HONORS_TRANSACTION" => "nothing: events always follow the commit",
+        "THORN_DISPATCHER" => "the daemon itself (thorn run; stop it to stop dispatching)",
+        _ => return None,
+    })
 }
 
 fn from_error(error: &ConfigError) -> Problem {
@@ -311,6 +337,19 @@ mod tests {
     fn a_syntax_error_is_one_problem() {
         let got = problems("[delivery\ntimeout = 1", &[]);
         assert_eq!(got.len(), 1, "{got:?}");
+    }
+
+    #[test]
+    fn django_thorns_settings_are_named_with_what_stands_for_them() {
+        let got = problems("", &[("THORN_EVENT_TIMEOUT", "3.0")]);
+        assert_eq!(
+            got,
+            vec![
+                "event_timeout: unknown key (set by THORN_EVENT_TIMEOUT); that is Django Thorn's \
+                 setting, here delivery.timeout (THORN_DELIVERY__TIMEOUT, e.g. \"3s\") \
+                 (docs/migrating-from-thorn.md)"
+            ]
+        );
     }
 
     #[test]
