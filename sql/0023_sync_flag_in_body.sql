@@ -27,6 +27,14 @@ BEGIN
     IF strpos(def, set_clause) = 0 THEN
         RETURN;  -- made by sql/0015 as it is now
     END IF;
+    -- A superuser may have applied the old 0015 for an owner that could
+    -- not: then only that superuser can replace it. The old form works, so
+    -- say so and go on rather than stop the upgrade.
+    IF NOT pg_has_role((SELECT p.proowner FROM pg_proc p WHERE p.oid = fn), 'USAGE') THEN
+        RAISE WARNING 'thorn: % belongs to %, so it keeps its SET clause; run thorn migrate as that role to rewrite it (sql/0023)',
+            fn, (SELECT pg_get_userbyid(p.proowner) FROM pg_proc p WHERE p.oid = fn);
+        RETURN;
+    END IF;
     IF (SELECT count(*) FROM unnest(ARRAY[declared, locked, last]) AS piece
         WHERE array_length(string_to_array(def, piece), 1) = 2) <> 3 THEN
         RAISE EXCEPTION 'thorn: sync_config_subscribers() is not the one schema 15 made';
