@@ -95,6 +95,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "sync_flag_in_body",
         include_str!("../../sql/0023_sync_flag_in_body.sql"),
     ),
+    (
+        24,
+        "condition_hint",
+        include_str!("../../sql/0024_condition_hint.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -546,6 +546,10 @@ async fn hostile_annotation_calls_fail_at_once_and_never_break_writes() {
             .expect_err(condition);
         let message = db_message(&error);
         assert!(message.contains(expected), "{condition}: {message}");
+        if condition == "new.title" {
+            let hint = error.as_db_error().and_then(|e| e.hint()).unwrap_or("");
+            assert!(hint.contains("boolean"), "{condition}: {hint}");
+        }
     }
     // After all of that the table is intact, writable and captured.
     db.batch_execute("INSERT INTO article (title) VALUES ('still fine')")
