@@ -177,18 +177,18 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
     Ok(applied)
 }
 
+/// The schema and the table that record the migrations applied, made
+/// before the first one runs.
+pub const MIGRATION_TABLE: &str = "SET client_min_messages = warning;
+     CREATE SCHEMA IF NOT EXISTS thorn;
+     CREATE TABLE IF NOT EXISTS thorn.migration (
+         version    integer PRIMARY KEY,
+         name       text NOT NULL,
+         applied_at timestamptz NOT NULL DEFAULT now()
+     );";
+
 async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
-    client
-        .batch_execute(
-            "SET client_min_messages = warning;
-             CREATE SCHEMA IF NOT EXISTS thorn;
-             CREATE TABLE IF NOT EXISTS thorn.migration (
-                 version    integer PRIMARY KEY,
-                 name       text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now()
-             );",
-        )
-        .await?;
+    client.batch_execute(MIGRATION_TABLE).await?;
     let missing = missing(&applied_versions(client).await?)?;
     let mut applied = Vec::new();
     for &(version, name, sql) in missing {

@@ -938,3 +938,17 @@ impl Drop for Role {
         .join();
     }
 }
+
+/// The config's sync writes its subscriber `c`, and outside the sync the
+/// row stays the config's (sql/0015).
+pub async fn config_sync_writes_and_guards(db: &Client) {
+    db.batch_execute(
+        r#"SELECT count(*) FROM thorn.sync_config_subscribers(
+               '{"c": {"event": "article.*", "url": "https://example.com/"}}')"#,
+    )
+    .await
+    .expect("the config's sync");
+    db.batch_execute("UPDATE thorn.subscriber SET event = 'b.*' WHERE config_name = 'c'")
+        .await
+        .expect_err("only the config changes its rows");
+}

@@ -47,17 +47,9 @@ fn migration_files() -> Vec<(i32, String, String)> {
 async fn database_at(versions: &[i32]) -> TestDb {
     let t = TestDb::empty().await;
     let mut db = t.client().await;
-    db.batch_execute(
-        "SET client_min_messages = warning;
-         CREATE SCHEMA IF NOT EXISTS thorn;
-         CREATE TABLE IF NOT EXISTS thorn.migration (
-             version    integer PRIMARY KEY,
-             name       text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         );",
-    )
-    .await
-    .expect("thorn.migration");
+    db.batch_execute(thorn::db::migrate::MIGRATION_TABLE)
+        .await
+        .expect("thorn.migration");
     for (version, name, sql) in migration_files() {
         if !versions.contains(&version) {
             continue;
@@ -947,13 +939,5 @@ async fn a_sync_function_with_the_old_set_clause_is_rewritten() {
 
     thorn::db::migrate::migrate(&mut db).await.expect("migrate");
     assert_eq!(source().await, current, "the text sql/0015 makes now");
-    db.batch_execute(
-        r#"SELECT count(*) FROM thorn.sync_config_subscribers(
-               '{"c": {"event": "article.*", "url": "https://example.com/"}}')"#,
-    )
-    .await
-    .expect("the config's sync");
-    db.batch_execute("UPDATE thorn.subscriber SET event = 'b.*' WHERE config_name = 'c'")
-        .await
-        .expect_err("only the config changes its rows");
+    crate::support::config_sync_writes_and_guards(&db).await;
 }
