@@ -712,16 +712,7 @@ async fn least_privilege_daemon_and_application_roles() {
         // It may write its config's subscribers (and, below, no others).
         config.subscribers = Some(std::collections::BTreeMap::from([(
             "ops".to_owned(),
-            thorn::config::ConfigSubscriber {
-                event: "nothing.matches".into(),
-                url: rx.url("/ops"),
-                owner: None,
-                hmac_secret: None,
-                hmac_digest: None,
-                content_type: None,
-                hmac_signer: None,
-                ordered: None,
-            },
+            crate::support::config_subscriber("nothing.matches", rx.url("/ops")),
         )]));
         let daemon = Daemon::start(config);
         eventually(

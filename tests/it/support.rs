@@ -82,23 +82,27 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside async: use a private runtime on its own thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let admin = thorn::db::connect(&base_url()).await.ok()?;
-                admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        clean_up(
+            base_url(),
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
+}
+
+/// Runs `sql` on `url` from a `Drop`, which runs outside async: on a
+/// private runtime on its own thread. Failures are ignored.
+fn clean_up(url: String, sql: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let db = thorn::db::connect(&url).await.ok()?;
+            db.batch_execute(&sql).await.ok()
+        })
+    })
+    .join();
 }
 
 /// One request as the receiver saw it.
@@ -922,20 +926,11 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let (name, url) = (self.name.clone(), self.db_url.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let db = thorn::db::connect(&url).await.ok()?;
-                db.batch_execute(&format!("DROP OWNED BY {name} CASCADE; DROP ROLE {name}"))
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        let name = &self.name;
+        clean_up(
+            self.db_url.clone(),
+            format!("DROP OWNED BY {name} CASCADE; DROP ROLE {name}"),
+        );
     }
 }
 
@@ -951,4 +946,19 @@ pub async fn config_sync_writes_and_guards(db: &Client) {
     db.batch_execute("UPDATE thorn.subscriber SET event = 'b.*' WHERE config_name = 'c'")
         .await
         .expect_err("only the config changes its rows");
+}
+
+/// A `[subscribers.<name>]` entry of `event` and `url`, every other field
+/// left to its default.
+pub fn config_subscriber(event: &str, url: String) -> thorn::config::ConfigSubscriber {
+    thorn::config::ConfigSubscriber {
+        event: event.into(),
+        url,
+        owner: None,
+        hmac_secret: None,
+        hmac_digest: None,
+        content_type: None,
+        hmac_signer: None,
+        ordered: None,
+    }
 }

@@ -619,16 +619,7 @@ async fn deliver_and_check(
     let mut config = t.config();
     if versions.contains(&15) {
         // The entry the config subscriber came from, without its secret.
-        let ops = thorn::config::ConfigSubscriber {
-            event: "reading.*".into(),
-            url: rx.url("/ops"),
-            owner: None,
-            hmac_secret: None,
-            hmac_digest: None,
-            content_type: None,
-            hmac_signer: None,
-            ordered: None,
-        };
+        let ops = crate::support::config_subscriber("reading.*", rx.url("/ops"));
         config.subscribers = Some(BTreeMap::from([("ops".to_owned(), ops)]));
     }
     let daemon = Daemon::start(config);
