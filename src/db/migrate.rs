@@ -100,6 +100,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "condition_hint",
         include_str!("../../sql/0024_condition_hint.sql"),
     ),
+    (25, "json_nul", include_str!("../../sql/0025_json_nul.sql")),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

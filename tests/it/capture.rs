@@ -348,6 +348,105 @@ async fn ten_thousand_rows_in_one_statement() {
     );
 }
 
+/// Whether the captures of `table` render rows as a table holding `json`.
+async fn renders_as_json(db: &Client, table: &str) -> bool {
+    db.query_one("SELECT thorn._captures_json($1::text::regclass)", &[&table])
+        .await
+        .expect("captures")
+        .get(0)
+}
+
+#[tokio::test]
+async fn json_holding_nul_never_fails_a_write() {
+    // `json` keeps the escape \u0000 as written, `jsonb` cannot hold it:
+    // rendering such a row with to_jsonb failed the application's write,
+    // even with the column excluded. It is sent as U+FFFD; an escaped
+    // backslash before u0000 is text and stays.
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        r#"CREATE TYPE public.tagged AS (tag text, doc json);
+           CREATE TABLE public.doc (id int PRIMARY KEY, body json, secret json,
+                                    tags public.tagged[], plain jsonb);
+           SELECT thorn.webhook_model('public.doc', exclude => ARRAY['secret']);
+           INSERT INTO doc VALUES (1, '{"a": "x\u0000y", "b": "\\u0000", "c": "\\\u0000\u0000"}',
+                                   '"\u0000"', ARRAY[ROW('t', '["\u0000"]')::tagged], '{"k": 1}');
+           UPDATE doc SET secret = '"\u0000\u0000"';  -- nothing carried changed
+           UPDATE doc SET plain = '{"k": 2}';
+           DELETE FROM doc;
+           INSERT INTO doc VALUES (2, '{"z": [1.50, {"y": null}], "a": "é\n"}', '{}',
+                                   ARRAY[ROW('u', '{"b": 1, "b": 2}')::tagged], '[]');"#,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", thorn::db::Why(&e)));
+    let body = json!({"a": "x\u{fffd}y", "b": "\\u0000", "c": "\\\u{fffd}\u{fffd}"});
+    let tags = json!([{"tag": "t", "doc": ["\u{fffd}"]}]);
+    let got = events(&db).await;
+    let data: Vec<(&str, &serde_json::Value)> = got.iter().map(|e| (e.0.as_str(), &e.3)).collect();
+    assert_eq!(
+        data[..3],
+        [
+            (
+                "doc.created",
+                &json!({"id": 1, "body": body, "tags": tags, "plain": {"k": 1}})
+            ),
+            (
+                "doc.changed",
+                &json!({"id": 1, "body": body, "tags": tags, "plain": {"k": 2}})
+            ),
+            (
+                "doc.removed",
+                &json!({"id": 1, "body": body, "tags": tags, "plain": {"k": 2}})
+            ),
+        ]
+    );
+    // Without the escape, a row renders as to_jsonb renders it.
+    let same: bool = db
+        .query_one(
+            "SELECT (SELECT data FROM thorn.event WHERE id = 4)
+                    = (SELECT to_jsonb(d) - 'secret' FROM doc d WHERE id = 2)",
+            &[],
+        )
+        .await
+        .expect("compare")
+        .get(0);
+    assert!(same, "{:?}", got[3]);
+
+    // The DDL guard follows json in and out of a table's rows: a column,
+    // an attribute of a composite type, a change of type.
+    db.batch_execute(
+        "CREATE TYPE public.pair AS (a int);
+         CREATE TABLE public.note (id int PRIMARY KEY, p public.pair);
+         SELECT thorn.webhook_model('public.note');",
+    )
+    .await
+    .expect("note");
+    assert!(!renders_as_json(&db, "note").await);
+    db.batch_execute(
+        r#"ALTER TYPE public.pair ADD ATTRIBUTE j json;
+           INSERT INTO note VALUES (1, ROW(1, '"\u0000"'));
+           ALTER TYPE public.pair DROP ATTRIBUTE j;
+           ALTER TABLE note ADD COLUMN meta json;
+           INSERT INTO note VALUES (2, NULL, '"\u0000"');"#,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", thorn::db::Why(&e)));
+    assert!(renders_as_json(&db, "note").await);
+    db.batch_execute("ALTER TABLE note ALTER COLUMN meta TYPE jsonb USING NULL")
+        .await
+        .expect("to jsonb");
+    assert!(!renders_as_json(&db, "note").await);
+    let notes: Vec<serde_json::Value> =
+        events(&db).await.into_iter().skip(4).map(|e| e.3).collect();
+    assert_eq!(
+        notes,
+        [
+            json!({"id": 1, "p": {"a": 1, "j": "\u{fffd}"}}),
+            json!({"id": 2, "p": null, "meta": "\u{fffd}"}),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn bad_annotations_fail_at_once_with_clear_errors() {
     let t = TestDb::new().await;

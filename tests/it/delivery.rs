@@ -85,6 +85,37 @@ async fn a_committed_change_arrives_signed_with_thorns_envelope() {
 }
 
 #[tokio::test]
+async fn a_json_nul_arrives_signed_as_the_replacement_character() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE public.doc (id int PRIMARY KEY, body json);
+         SELECT thorn.webhook_model('public.doc');",
+    )
+    .await
+    .expect("annotated table");
+    let mut rx = Receiver::start().await;
+    subscribe(&db, "doc.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+
+    db.batch_execute(r#"INSERT INTO doc VALUES (1, '{"a": "x\u0000y"}')"#)
+        .await
+        .expect("a write holding \\u0000 goes through");
+    let got = rx.expect(1, WAIT, QUIET).await.remove(0);
+    assert_eq!(
+        got.text(),
+        "{\"event\": \"doc.created\", \"ref\": null, \"sender\": null, \
+         \"data\": {\"id\": 1, \"body\": {\"a\": \"x\u{fffd}y\"}}}"
+    );
+    assert_eq!(
+        got.header("hook-hmac"),
+        python_sign(&[("sha256", "secret", &got.body)])[0]
+    );
+    standard_verify("secret", &got);
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn every_digest_signs_like_thorn_and_standard_webhooks_verify() {
     let t = TestDb::new().await;
     let db = t.client().await;
