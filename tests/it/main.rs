@@ -14,6 +14,7 @@ mod policy;
 mod process;
 mod queries;
 mod resilience;
+mod rows;
 mod security;
 mod statements;
 mod support;

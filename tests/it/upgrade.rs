@@ -17,8 +17,8 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::support::{
-    eventually, python_compat_sign, python_sign, subscribe, Daemon, Received, Receiver, Role,
-    TestDb, QUIET, WAIT,
+    eventually, python_compat_sign, python_sign, standard_verify, subscribe, Daemon, Receiver,
+    Role, TestDb, QUIET, WAIT,
 };
 
 /// The versioned files of sql/, in order: (version, name, SQL). The name is
@@ -591,19 +591,6 @@ fn body(e: &Ev, content_type: &str) -> String {
         r#"{{"event": "{}", "ref": "{}", "sender": {sender}, "data": {}}}"#,
         e.name, e.reference, e.data
     )
-}
-
-fn standard_verify(secret: &str, r: &Received) {
-    use base64::Engine;
-    // A whsec_ secret whose rest is base64 is its key; any other secret, an
-    // old whsec_ one without base64 included, is used as its bytes.
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let verifier = match secret.strip_prefix("whsec_").map(|rest| b64.decode(rest)) {
-        Some(Ok(_)) => standardwebhooks::Webhook::new(secret),
-        _ => standardwebhooks::Webhook::from_bytes(secret.as_bytes().to_vec()),
-    };
-    let verified = verifier.expect("verifier").verify(&r.body, &r.headers);
-    verified.unwrap_or_else(|e| panic!("webhook-signature to {} does not verify: {e}", r.path));
 }
 
 /// The daemon on the upgraded database: it sends exactly the pending
