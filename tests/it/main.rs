@@ -13,6 +13,7 @@ mod outbox;
 mod policy;
 mod process;
 mod queries;
+mod receivers;
 mod resilience;
 mod rows;
 mod security;

@@ -855,6 +855,13 @@ pub async fn article_table(db: &Client) {
     .expect("annotated table");
 }
 
+/// One row in the table of `article_table`.
+pub async fn write_article(db: &Client) {
+    db.batch_execute("INSERT INTO article (title) VALUES ('x')")
+        .await
+        .expect("insert");
+}
+
 /// A tracing writer that keeps everything in memory.
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
