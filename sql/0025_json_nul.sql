@@ -17,9 +17,14 @@
 -- faster than row_to_json and a conversion.
 --
 -- The DDL guard reinstalls a table's captures when a change adds or
--- removes its last json value (ALTER TABLE, ALTER TYPE).
+-- removes its last json value (ALTER TABLE, also of a partitioned parent
+-- or of a table whose row type a column holds, ALTER TYPE).
 -- Without the guard (a schema owner that is not a superuser), annotate the
 -- table again after such a change.
+--
+-- Other values that `json` accepts and `jsonb` refuses, a lone UTF-16
+-- surrogate escape (\ud800) or a number beyond numeric's range (1e1000000),
+-- still fail the write: finding them would take a parser per row.
 --
 -- Existing captures of tables that hold json are patched in place, as
 -- schema 21 patched them: no lock on the tables, nothing checked again.
@@ -77,15 +82,16 @@ $$;
 -- 10,000-row INSERT of a table holding json took 47.8 ms with it against
 -- 47.9 with to_jsonb, and 59.4 with the same steps in a PL/pgSQL function
 -- (median of 6 alternating rounds, inside the server). Every name is
--- schema-qualified: captures run it with the writer's search_path.
+-- schema-qualified, and every literal an E'' string: an inlined body is
+-- parsed with the writer's search_path and standard_conforming_strings.
 CREATE FUNCTION thorn._jsonb(j pg_catalog.json) RETURNS pg_catalog.jsonb
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
     SELECT pg_catalog.replace(
                pg_catalog.replace(
-                   pg_catalog.replace(j::pg_catalog.text, '\\', E'\x01'),
-                   '\u0000', '\ufffd'),
-               E'\x01', '\\')::pg_catalog.jsonb
+                   pg_catalog.replace(j::pg_catalog.text, E'\\\\', E'\x01'),
+                   E'\\u0000', E'\\ufffd'),
+               E'\x01', E'\\\\')::pg_catalog.jsonb
 $$;
 
 -- SQL text rendering the row thorn__t as jsonb, for a table of `tbl`'s shape.
@@ -110,6 +116,50 @@ AS $$
       AND p.proname IN ('capture_' || tbl::oid || '_create',
                         'capture_' || tbl::oid || '_change',
                         'capture_' || tbl::oid || '_delete')
+$$;
+
+-- The DDL guard checks (and now switches) two more kinds of table that a
+-- command changes without naming them: the partitions under a partitioned
+-- table an ALTER TABLE names (a column added there reaches them all, and
+-- each has captures of its own), and the annotated tables that hold the
+-- named table's row type in a column (ALTER TABLE addr ADD COLUMN changes
+-- what person.home holds). The second is looked for only when some column
+-- or type uses that row type at all, which few do.
+CREATE OR REPLACE FUNCTION thorn._ddl_guard() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl oid;
+BEGIN
+    FOR tbl IN
+        WITH named AS (
+            SELECT c.objid, c.command_tag, c.classid FROM pg_event_trigger_ddl_commands() AS c
+        ), relations AS (
+            SELECT n.objid FROM named n WHERE n.classid = 'pg_class'::regclass
+        ), used AS (
+            SELECT ty.oid FROM relations r JOIN pg_type ty ON ty.typrelid = r.objid
+            WHERE EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.refclassid = 'pg_type'::regclass AND d.deptype = 'n'
+                            AND d.refobjid IN (ty.oid, ty.typarray))
+        )
+        SELECT r.objid FROM relations r
+        UNION
+        SELECT i.inhparent FROM relations r JOIN pg_inherits i ON i.inhrelid = r.objid
+        UNION
+        SELECT p.relid FROM relations r CROSS JOIN LATERAL pg_partition_tree(r.objid) AS p
+        UNION
+        SELECT m.table_name::oid FROM used u CROSS JOIN thorn.model m
+        WHERE u.oid IN (SELECT thorn._row_types(m.table_name))
+        UNION
+        SELECT m.table_name::oid FROM thorn.model m
+        WHERE EXISTS (SELECT 1 FROM named n
+                      WHERE n.command_tag IN ('CREATE CAST', 'ALTER TYPE', 'ALTER DOMAIN'))
+    LOOP
+        CONTINUE WHEN tbl NOT IN (SELECT m.table_name::oid FROM thorn.model m);
+        PERFORM thorn._guard(tbl::regclass);
+    END LOOP;
+END
 $$;
 
 DO $$

@@ -144,14 +144,6 @@ async fn events(db: &Client) -> Vec<(String, serde_json::Value)> {
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
-/// Whether the captures of `table` render rows as a table holding `json`.
-async fn renders_as_json(db: &Client, table: &str) -> bool {
-    db.query_one("SELECT thorn._captures_json($1::text::regclass)", &[&table])
-        .await
-        .expect("captures")
-        .get(0)
-}
-
 #[tokio::test]
 async fn json_holding_nul_never_fails_a_write() {
     // `json` keeps the escape \u0000 as written, `jsonb` cannot hold it:
@@ -208,8 +200,34 @@ async fn json_holding_nul_never_fails_a_write() {
         .get(0);
     assert!(same, "{:?}", got[3]);
 
-    // The DDL guard follows json in and out of a table's rows: a column,
-    // an attribute of a composite type, a change of type.
+    // The conversion is inlined into the capture's query, so it is parsed
+    // with the writer's settings: it must not read its literals differently
+    // in a session of an old client (a fresh session: no plan cached).
+    let old_client = t.client().await;
+    old_client
+        .batch_execute(
+            r#"SET standard_conforming_strings = off;
+               INSERT INTO doc (id, body) VALUES (3, $${"a": "\u0000 \\u0000"}$$);"#,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", thorn::db::Why(&e)));
+    let last = events(&db).await.pop().expect("event");
+    assert_eq!(last.1["body"], json!({"a": "\u{fffd} \\u0000"}));
+}
+
+/// Whether the captures of `table` render rows as a table holding `json`.
+async fn renders_as_json(db: &Client, table: &str) -> bool {
+    db.query_one("SELECT thorn._captures_json($1::text::regclass)", &[&table])
+        .await
+        .expect("captures")
+        .get(0)
+}
+
+#[tokio::test]
+async fn the_ddl_guard_follows_json_in_and_out_of_a_tables_rows() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    // A column, an attribute of a composite type, a change of type.
     db.batch_execute(
         "CREATE TYPE public.pair AS (a int);
          CREATE TABLE public.note (id int PRIMARY KEY, p public.pair);
@@ -232,13 +250,34 @@ async fn json_holding_nul_never_fails_a_write() {
         .await
         .expect("to jsonb");
     assert!(!renders_as_json(&db, "note").await);
-    let notes: Vec<serde_json::Value> =
-        events(&db).await.into_iter().skip(4).map(|e| e.1).collect();
+    // A column added through a partitioned table reaches its partitions,
+    // whose own captures take direct writes; and a column added to a table
+    // whose row type an annotated table holds reaches that one.
+    db.batch_execute(
+        r#"CREATE TABLE public.reading (id int, at int) PARTITION BY RANGE (at);
+           CREATE TABLE public.reading_1 PARTITION OF public.reading FOR VALUES FROM (0) TO (100);
+           SELECT thorn.webhook_model('public.reading');
+           ALTER TABLE reading ADD COLUMN raw json;
+           INSERT INTO reading_1 VALUES (1, 1, '"\u0000"');
+           CREATE TABLE public.address (street text);
+           CREATE TABLE public.person (id int PRIMARY KEY, home public.address);
+           SELECT thorn.webhook_model('public.person');
+           ALTER TABLE address ADD COLUMN extra json;
+           INSERT INTO person VALUES (1, ROW('x', '"\u0000"'));"#,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", thorn::db::Why(&e)));
+    for table in ["reading", "reading_1", "person"] {
+        assert!(renders_as_json(&db, table).await, "{table}");
+    }
+    let data: Vec<serde_json::Value> = events(&db).await.into_iter().map(|e| e.1).collect();
     assert_eq!(
-        notes,
+        data,
         [
             json!({"id": 1, "p": {"a": 1, "j": "\u{fffd}"}}),
             json!({"id": 2, "p": null, "meta": "\u{fffd}"}),
+            json!({"id": 1, "at": 1, "raw": "\u{fffd}"}),
+            json!({"id": 1, "home": {"street": "x", "extra": "\u{fffd}"}}),
         ]
     );
 }
