@@ -222,3 +222,9 @@ BEGIN
     END LOOP;
 END
 $$;
+
+REVOKE ALL ON FUNCTION thorn._row_types(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION thorn._holds_json(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION thorn._jsonb(pg_catalog.json) FROM PUBLIC;
+REVOKE ALL ON FUNCTION thorn._row_jsonb_sql(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION thorn._captures_json(regclass) FROM PUBLIC;

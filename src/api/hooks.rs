@@ -139,10 +139,9 @@ fn parse_body(
     // events without a sender).
     match object.get("owner") {
         None => {}
-        Some(Value::String(s)) if s.is_empty() || s.contains('\0') => problem(
-            "owner",
-            "must be a name: not empty, without the NUL character",
-        ),
+        Some(Value::String(s)) if s.contains('\0') => {
+            problem("owner", "may not contain the NUL character")
+        }
         Some(Value::String(s)) if *s == caller.owner => changes.owner = Some(Some(s.clone())),
         Some(Value::String(s)) if caller.admin => changes.owner = Some(Some(s.clone())),
         Some(Value::Null) if caller.admin => changes.owner = Some(None),
@@ -162,11 +161,16 @@ fn parse_body(
     Ok((changes, errors))
 }
 
-/// What the address guard says of a new URL. Asked before a database
+/// What the address guard says of a new URL; one written back unchanged
+/// (GET, edit, PUT) was the operator's to allow. Asked before a database
 /// connection is taken: it may wait for DNS, and the API's connections are
 /// few.
-async fn url_problem(api: &Api, changes: &Changes) -> Option<String> {
-    api.check_url(changes.url.as_deref()?).await.err()
+async fn url_problem(api: &Api, base: Option<&Subscription>, changes: &Changes) -> Option<String> {
+    let url = changes.url.as_deref()?;
+    if base.is_some_and(|b| b.url == url) {
+        return None;
+    }
+    api.check_url(url).await.err()
 }
 
 /// Collects every problem: types and required fields, the database's rules
@@ -226,26 +230,28 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
 /// A subscription is a few short fields: far below this.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// The request body, read (after the token and the id) up to [`MAX_BODY`].
+/// Reads a request body up to [`MAX_BODY`]; item routes call it once the
+/// id is known to be the caller's.
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|error| {
+        let too_large = std::error::Error::source(&error)
+            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::too_large(MAX_BODY)
+        } else {
+            ApiError::bad_request("the request body could not be read")
+        }
+    })
+}
+
+/// The request body of a POST, read after the token.
 pub struct Body64k(Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for Body64k {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _: &S) -> Result<Body64k, ApiError> {
-        let body: Body = request.into_body();
-        match axum::body::to_bytes(body, MAX_BODY).await {
-            Ok(bytes) => Ok(Body64k(bytes)),
-            Err(error) => {
-                let too_large = std::error::Error::source(&error)
-                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
-                Err(if too_large {
-                    ApiError::too_large(MAX_BODY)
-                } else {
-                    ApiError::bad_request("the request body could not be read")
-                })
-            }
-        }
+        read_body(request.into_body()).await.map(Body64k)
     }
 }
 
@@ -256,7 +262,7 @@ pub async fn create(
     Body64k(body): Body64k,
 ) -> Result<Response, ApiError> {
     let (changes, errors) = parse_body(&body, Mode::Create, &caller)?;
-    let url_problem = url_problem(&api, &changes).await;
+    let url_problem = url_problem(&api, None, &changes).await;
     let db = api.db().await?;
     validate(&db, None, &changes, errors, url_problem).await?;
     let row = subscribers::insert(&**db, &changes).await?;
@@ -299,15 +305,22 @@ async fn change(
     caller: Caller,
     id: Uuid,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body,
     mode: Mode,
 ) -> Result<Response, ApiError> {
-    // Existence first: another owner's id is a 404 even with a bad body.
+    // Existence first: another owner's id is a 404 even with a bad body,
+    // which is not read.
     let current = subscribers::get(&**api.db().await?, id, caller.scope())
         .await?
         .ok_or_else(ApiError::not_found)?;
-    let (changes, errors) = parse_body(body, mode, &caller)?;
-    let url_problem = url_problem(api, &changes).await;
+    let body = read_body(body).await?;
+    let (mut changes, errors) = parse_body(&body, mode, &caller)?;
+    // An admin's `active` is an operator's switch only when it switches: a
+    // row written back as it is (GET, edit, PUT) keeps who switched it off.
+    if changes.active == Some(current.active) {
+        changes.operator_off = None;
+    }
+    let url_problem = url_problem(api, Some(&current), &changes).await;
     let db = api.db().await?;
     validate(&db, Some(&current), &changes, errors, url_problem).await?;
     let row = subscribers::update(&**db, id, caller.scope(), &changes)
@@ -321,9 +334,9 @@ pub async fn replace(
     caller: Caller,
     Id(id): Id,
     headers: HeaderMap,
-    Body64k(body): Body64k,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    change(&api, caller, id, &headers, &body, Mode::Replace).await
+    change(&api, caller, id, &headers, body, Mode::Replace).await
 }
 
 pub async fn patch(
@@ -331,9 +344,9 @@ pub async fn patch(
     caller: Caller,
     Id(id): Id,
     headers: HeaderMap,
-    Body64k(body): Body64k,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    change(&api, caller, id, &headers, &body, Mode::Patch).await
+    change(&api, caller, id, &headers, body, Mode::Patch).await
 }
 
 pub async fn remove(

@@ -101,6 +101,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0024_condition_hint.sql"),
     ),
     (25, "json_nul", include_str!("../../sql/0025_json_nul.sql")),
+    (
+        26,
+        "owner_rules",
+        include_str!("../../sql/0026_owner_rules.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: the advisory lock key of migrations.

@@ -152,6 +152,16 @@ pub async fn problems(
     for r in rows {
         errors.entry(r.try_get(0)?).or_default().push(r.try_get(1)?);
     }
+    // Only an owner being set is judged (sql/0026), as the trigger does.
+    let owner = changes.owner.as_ref().and_then(Option::as_deref);
+    if owner.is_some() && owner != base.and_then(|b| b.owner.as_deref()) {
+        let row = db
+            .query_one("SELECT thorn.owner_problem($1)", &[&owner])
+            .await?;
+        if let Some(problem) = row.try_get::<_, Option<String>>(0)? {
+            errors.insert("owner".into(), vec![problem]);
+        }
+    }
     Ok(errors)
 }
 

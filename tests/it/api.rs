@@ -957,3 +957,132 @@ async fn an_operators_switch_off_holds_against_the_owner() {
         .get(0);
     assert!(on, "the operator's switch-on works");
 }
+
+#[tokio::test]
+async fn writing_a_subscription_back_unchanged_changes_nothing_it_did_not_say() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    let (_, created) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some("alice"),
+            Some(json!({"event": "a.*", "url": "https://example.com/"})),
+        )
+        .await;
+    let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
+    let send = |who: &'static str, method: Method, body: Value| {
+        api.send(method, &path, Some(who), Some(body))
+    };
+    // The owner switches it off; an admin then edits it the Thorn way (GET,
+    // change a field, PUT the whole): that is no operator's switch-off.
+    let (status, _) = send("alice", Method::PATCH, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, mut whole) = api.send(Method::GET, &path, Some(ADMIN), None).await;
+    whole["event"] = json!("a.b");
+    let (status, body) = send(ADMIN, Method::PUT, whole).await;
+    assert_eq!(
+        (status, body["operator_off"].clone()),
+        (StatusCode::OK, json!(false)),
+        "{body}"
+    );
+    let (status, body) = send("alice", Method::PATCH, json!({"active": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A URL the address guard refuses, set by an operator in SQL, stays
+    // editable through the API while it is written back unchanged.
+    let db = t.client().await;
+    db.batch_execute("UPDATE thorn.subscriber SET url = 'http://10.1.2.3/x'")
+        .await
+        .expect("operator's URL");
+    let (_, mut whole) = api.send(Method::GET, &path, Some("alice"), None).await;
+    whole["event"] = json!("a.c");
+    let (status, body) = send("alice", Method::PUT, whole.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    whole["url"] = json!("http://10.1.2.4/x");
+    let (status, body) = send("alice", Method::PUT, whole).await;
+    assert_eq!(error_fields(&body, "invalid"), ["url"], "{status}");
+
+    // Another owner's id is a 404 before its body is read, however large.
+    let huge = json!({"event": "x".repeat(200_000)});
+    let (status, body) = send("bob", Method::PATCH, huge.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _) = send("alice", Method::PATCH, huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn owners_are_names_of_at_most_255_characters_everywhere() {
+    let t = TestDb::new().await;
+    let api = Call::new(&api_config(&t)).await;
+    // Too long for the owner index: a 400 on owner, never a 500.
+    let long = "q".repeat(256);
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some(ADMIN),
+            Some(json!({"event": "a", "url": "https://example.com/", "owner": long})),
+        )
+        .await;
+    assert_eq!(error_fields(&body, "invalid"), ["owner"], "{status}");
+    let sub: String = (0..5000)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some(sub.as_str()),
+            Some(json!({"event": "a", "url": "https://example.com/"})),
+        )
+        .await;
+    assert_eq!(error_fields(&body, "invalid"), ["owner"], "{status}");
+    let (status, _) = api
+        .send(
+            Method::POST,
+            "/hooks/",
+            Some(ADMIN),
+            Some(json!({"event": "a", "url": "https://example.com/", "owner": "q".repeat(255)})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // The command line and a plain INSERT follow the same rule.
+    let (code, _, err) = crate::support::thorn_cli(
+        &t.url,
+        &[
+            "subscriber",
+            "add",
+            "--event",
+            "a",
+            "--url",
+            "https://example.com/",
+            "--owner",
+            "",
+        ],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("owner"), "{err}");
+    let db = t.client().await;
+    let refused = db
+        .batch_execute("INSERT INTO thorn.subscriber (event, url, owner) VALUES ('a', 'https://example.com/', '')")
+        .await
+        .expect_err("an empty owner");
+    assert_eq!(
+        refused.as_db_error().and_then(|e| e.column()),
+        Some("owner"),
+        "{}",
+        thorn::db::Why(&refused)
+    );
+    // A row stored before the rule keeps working: it can be switched off.
+    db.batch_execute(
+        "ALTER TABLE thorn.subscriber DISABLE TRIGGER subscriber_validate;
+         INSERT INTO thorn.subscriber (event, url, owner) VALUES ('a', 'https://example.com/', '');
+         ALTER TABLE thorn.subscriber ENABLE TRIGGER subscriber_validate;
+         UPDATE thorn.subscriber SET active = false WHERE owner = '';",
+    )
+    .await
+    .expect("an old row stays updatable");
+}
