@@ -331,35 +331,19 @@ fn text(bytes: Vec<u8>) -> Option<String> {
     (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).replace('\0', ""))
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After` as seconds or an HTTP date, in any of the three forms
+/// RFC 9110 §5.6.7 says a recipient must accept. Any length is returned:
+/// the retry policy caps it (`delivery.max_retry_after`).
 fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    let when = httpdate_parse(value)?;
+    let when = httpdate::parse_http_date(value).ok()?;
     Some(
         when.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
-}
-
-fn httpdate_parse(value: &str) -> Option<SystemTime> {
-    humantime::parse_rfc3339_weak(value).ok().or_else(|| {
-        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
-        let parts: Vec<&str> = value.split_whitespace().collect();
-        let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-            return None;
-        };
-        let month = [
-            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-        ]
-        .iter()
-        .position(|m| m == month)?
-            + 1;
-        let stamp = format!("{year}-{month:02}-{:02}T{time}Z", day.parse::<u8>().ok()?);
-        humantime::parse_rfc3339(&stamp).ok()
-    })
 }
 
 /// The class of a transport error, found by walking its causes.
@@ -434,6 +418,14 @@ mod tests {
         );
         assert!(parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT")
             .is_some_and(|d| d > Duration::from_secs(86400)));
+        // The obsolete forms: RFC 850 and asctime.
+        assert!(parse_retry_after("Friday, 01-Jan-99 00:00:00 GMT").is_some());
+        assert!(parse_retry_after("Fri Jan  1 00:00:00 2100")
+            .is_some_and(|d| d > Duration::from_secs(86400)));
+        assert_eq!(
+            parse_retry_after("18446744073709551615"),
+            Some(Duration::from_secs(u64::MAX))
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 

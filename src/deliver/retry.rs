@@ -21,7 +21,11 @@ pub fn next_delay(
     let jittered = base.mul_f64(rand::rng().random_range(0.8..=1.2));
     Some(match retry_after {
         Some(asked) => {
-            let later = asked.mul_f64(rand::rng().random_range(1.0..=1.1));
+            // Capped before the jitter: a Retry-After of u64::MAX seconds
+            // times 1.1 is no Duration.
+            let later = asked
+                .min(max_retry_after)
+                .mul_f64(rand::rng().random_range(1.0..=1.1));
             jittered.max(later.min(max_retry_after))
         }
         None => jittered,
@@ -57,6 +61,9 @@ mod tests {
         let capped =
             next_delay(1, &schedule, Some(Duration::from_secs(86400)), HOUR).expect("retry");
         assert_eq!(capped, HOUR);
+        for asked in [Duration::from_secs(u64::MAX), Duration::MAX] {
+            assert_eq!(next_delay(1, &schedule, Some(asked), HOUR), Some(HOUR));
+        }
         let shorter = next_delay(
             1,
             &[Duration::from_secs(100)],

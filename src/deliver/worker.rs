@@ -642,7 +642,15 @@ impl Worker {
         self.tracker.spawn(async move {
             let mut delivery = delivery;
             let mut permit = Some(permit);
+            let mut unwinding = FinishOnPanic {
+                in_flight: in_flight.clone(),
+                ready: ready.clone(),
+                delivery: delivery.id,
+                subscriber: delivery.subscriber_id,
+                share,
+            };
             loop {
+                unwinding.delivery = delivery.id;
                 let attempt = tokio::select! {
                     attempt = client.attempt(&delivery) => attempt,
                     // Past the shutdown grace: the caller releases the lease.
@@ -749,6 +757,30 @@ fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
         subscriber_id: d.subscriber_id,
         gone: attempt.result == Err(Failure::Status(410)),
         counts_for_health: !matches!(attempt.result, Err(Failure::Inactive | Failure::Invalid)),
+    }
+}
+
+/// Gives a send task's slot back if the task panics, so that a bug in one
+/// attempt cannot hold its subscriber's slot, and the line behind it, for
+/// as long as the daemon runs (the delivery's lease brings it back). Does
+/// nothing otherwise: a send that ends normally has finished already, and
+/// one cut off at shutdown leaves its delivery for the caller to release.
+struct FinishOnPanic {
+    in_flight: Arc<InFlight>,
+    ready: Arc<Notify>,
+    delivery: Uuid,
+    subscriber: Uuid,
+    share: Share,
+}
+
+impl Drop for FinishOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let (id, subscriber) = (self.delivery, self.subscriber);
+            self.in_flight
+                .finish(id, subscriber, Endpoint::Unheard, false, self.share);
+            self.ready.notify_one();
+        }
     }
 }
 

@@ -89,6 +89,37 @@ async fn retry_after_pauses_the_whole_subscriber() {
     daemon.stop().await;
 }
 
+/// A Retry-After longer than any clock (u64::MAX seconds) is capped by
+/// `delivery.max_retry_after` like any other: it once panicked the send,
+/// whose slot then stayed taken, and the subscriber got nothing more.
+#[tokio::test]
+async fn a_retry_after_beyond_any_clock_is_capped() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.reply(Reply {
+        status: 429,
+        retry_after: Some("18446744073709551615"),
+        ..Reply::default()
+    });
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let mut config = t.config();
+    config.delivery.per_subscriber_concurrency = 1;
+    config.delivery.max_retry_after = Duration::from_secs(1);
+    let daemon = Daemon::start(config);
+    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 5)")
+        .await
+        .expect("insert");
+    rx.expect(6, WAIT, QUIET).await;
+    eventually(
+        &db,
+        "SELECT count(*) = 5 FROM thorn.delivery WHERE state = 'delivered'",
+    )
+    .await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_hanging_endpoint_times_out_and_is_retried() {
     let t = TestDb::new().await;
