@@ -489,6 +489,57 @@ impl Statements {
     }
 }
 
+/// What a subscriber's row says a request to it is, now: compared with
+/// what a delivery claimed a while ago took from it.
+pub struct SendsAs {
+    active: bool,
+    url: String,
+    secret: String,
+    digest: String,
+    content_type: String,
+    signer: String,
+}
+
+impl SendsAs {
+    /// Whether `d`, claimed earlier, would still go out as it was claimed.
+    pub fn sends_as(&self, d: &Claimed) -> bool {
+        self.active == d.active
+            && self.url == d.url
+            && self.secret == d.secret.0
+            && self.digest == d.digest
+            && self.content_type == d.content_type
+            && self.signer == d.signer
+    }
+}
+
+/// The rows of these subscribers, as deliveries to them are sent; a
+/// deleted one is missing.
+pub async fn subscriber_rows(
+    db: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, SendsAs>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT id, active, url, hmac_secret, hmac_digest, content_type, hmac_signer
+             FROM thorn.subscriber WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let sends = SendsAs {
+                active: r.try_get(1)?,
+                url: r.try_get(2)?,
+                secret: r.try_get(3)?,
+                digest: r.try_get(4)?,
+                content_type: r.try_get(5)?,
+                signer: r.try_get(6)?,
+            };
+            Ok((r.try_get(0)?, sends))
+        })
+        .collect()
+}
+
 /// The subscriber version, read before the subscribers it guards.
 pub async fn subscriber_version(db: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
     db.query_one("SELECT version FROM thorn.subscriber_version", &[])

@@ -192,7 +192,7 @@ impl Unwritten {
         if self.superseded > 0 {
             tracing::debug!(
                 count = self.superseded,
-                "outcomes not written: another claim took their leases over"
+                "outcomes not written: another claim took their leases over, or the deliveries were deleted"
             );
         }
         if let Some(error) = self.error {

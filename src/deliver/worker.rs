@@ -81,6 +81,7 @@ impl Endpoint {
             (Err(Failure::Status(429 | 503)), Some(wait)) => {
                 Endpoint::Busy(wait.min(settings.max_retry_after))
             }
+            (Err(Failure::Status(410)), _) => Endpoint::Busy(GONE_HOLD),
             (Ok(_) | Err(Failure::Status(_) | Failure::Request), _) => Endpoint::Answered,
             _ => Endpoint::Unheard,
         }
@@ -162,6 +163,16 @@ const BUSY_RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::f
 
 /// Longest sleep between claims when nothing is due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// How often waiting lines are checked against their subscribers' rows
+/// (see [`InFlight::recheck_lines`]).
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// A subscriber that answered 410 Gone is paused this long here: its
+/// waiting line is given back, and by the time it is claimed again the
+/// completer has switched the subscriber off, so it ends `inactive`
+/// without another request.
+const GONE_HOLD: Duration = Duration::from_secs(10);
 
 /// The deliveries this sender holds: their ids, and per subscriber the
 /// requests in flight and the deliveries waiting for one of them to finish.
@@ -406,6 +417,50 @@ impl InFlight {
             .min()
     }
 
+    /// Whether any delivery waits in a line (see [`Self::recheck_lines`]).
+    fn lines_wait(&self) -> bool {
+        (self.lock().per_subscriber.values()).any(|line| !line.waiting.is_empty())
+    }
+
+    /// Gives back the waiting deliveries whose subscriber's row changed
+    /// since they were claimed: switched off, deleted, sent elsewhere or
+    /// signed otherwise. A line holds claims made up to a few seconds
+    /// before, which must not go out as they were (an operator's switch-off
+    /// stops deliveries); claimed again, they take the row as it is now.
+    /// Requests already on their way are not recalled.
+    async fn recheck_lines(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let held: Vec<Uuid> = (self.lock().per_subscriber.iter())
+            .filter(|(_, line)| !line.waiting.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let rows = queue::subscriber_rows(client, &held).await?;
+        let now = Instant::now();
+        let mut t = self.lock();
+        let mut given_back = Vec::new();
+        for id in held {
+            let Some(line) = t.per_subscriber.get_mut(&id) else {
+                continue;
+            };
+            let row = rows.get(&id);
+            let (stale, kept) = std::mem::take(&mut line.waiting)
+                .into_iter()
+                .partition(|d| !row.is_some_and(|r| r.sends_as(d)));
+            line.waiting = kept;
+            given_back.extend(stale.iter().map(|d: &queue::Claimed| (d.id, d.lease, now)));
+        }
+        if !given_back.is_empty() {
+            tracing::info!(
+                count = given_back.len(),
+                "waiting deliveries given back: their subscriber changed since they were claimed"
+            );
+        }
+        t.given_back.extend(given_back);
+        Ok(())
+    }
+
     /// Releases the deliveries given back by restricted subscribers, each
     /// due when its subscriber's pause ends; kept for the next try (and
     /// for shutdown) if that fails.
@@ -500,6 +555,7 @@ impl Worker {
         // Where in the round of subscribers the next claim starts; a random
         // start spreads several daemons over it.
         let mut after = Uuid::new_v4();
+        let mut rechecked = Instant::now();
         loop {
             self.probe.beat();
             let first = tokio::select! {
@@ -527,6 +583,10 @@ impl Worker {
                         _ = tokio::time::sleep_until(deadline) => break,
                     }
                 }
+            }
+            if rechecked.elapsed() >= RECHECK {
+                in_flight.recheck_lines(client).await?;
+                rechecked = Instant::now();
             }
             in_flight.release_given_back(client).await?;
             let room = in_flight.room(share);
@@ -596,8 +656,14 @@ impl Worker {
                 // A finishing request wakes us.
                 IDLE_POLL
             };
-            // Nothing wakes us when a pause ends.
+            // Nothing wakes us when a pause ends, nor when a subscriber
+            // whose deliveries wait in a line changes.
             let sleep = in_flight.pause_left().map_or(sleep, |left| sleep.min(left));
+            let sleep = if in_flight.lines_wait() {
+                sleep.min(RECHECK)
+            } else {
+                sleep
+            };
             tokio::select! {
                 _ = self.ready.notified() => {}
                 _ = tokio::time::sleep(sleep) => continue,

@@ -185,6 +185,78 @@ async fn gone_deactivates_the_subscriber() {
     daemon.stop().await;
 }
 
+/// Requests to `rx` until none comes for 3 s (at most 1,000).
+async fn count_until_quiet(rx: &mut Receiver) -> usize {
+    let mut n = 0;
+    while n < 1000 && rx.next(Duration::from_secs(3)).await.is_some() {
+        n += 1;
+    }
+    n
+}
+
+/// A sender holds up to four lines of 32 claimed deliveries per busy
+/// subscriber in memory. Those must not go out once the subscriber is
+/// switched off or deleted: only the requests already on their way (32;
+/// 31 here) and any that started before the sender looked again (it looks
+/// every 250 ms) may arrive. All 160 held at the time once did.
+#[tokio::test]
+async fn a_switched_off_or_deleted_subscriber_gets_nothing_more_of_what_was_held() {
+    for off in [
+        "UPDATE thorn.subscriber SET active = false",
+        "DELETE FROM thorn.subscriber",
+    ] {
+        let t = TestDb::new().await;
+        let db = t.client().await;
+        item_table(&db).await;
+        let mut rx = Receiver::start().await;
+        rx.otherwise(Reply {
+            status: 200,
+            delay: Duration::from_secs(1),
+            ..Reply::default()
+        });
+        subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+        // The defaults' timeout and lease: four lines deep.
+        let mut config = t.config();
+        config.delivery.timeout = Duration::from_secs(3);
+        config.delivery.lease_setting = Some(Duration::from_secs(30));
+        let daemon = Daemon::start(config);
+        db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 400)")
+            .await
+            .expect("insert");
+        rx.next(WAIT).await.expect("a first request");
+        // Let the lines fill behind the 32 requests in flight.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        db.batch_execute(off).await.expect(off);
+        let after = count_until_quiet(&mut rx).await;
+        assert!(after < 100, "{off}: {after} requests arrived afterwards");
+        daemon.stop().await;
+    }
+}
+
+/// After a 410 Gone, the requests already sent end, and what waits in the
+/// sender's memory for that subscriber is not sent.
+#[tokio::test]
+async fn after_a_410_the_deliveries_held_for_the_subscriber_are_not_sent() {
+    let t = TestDb::new().await;
+    let db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    rx.otherwise(Reply {
+        status: 410,
+        delay: Duration::from_millis(300),
+        ..Reply::default()
+    });
+    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
+    let daemon = Daemon::start(t.config());
+    db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 300)")
+        .await
+        .expect("insert");
+    let sent = count_until_quiet(&mut rx).await;
+    assert!(sent <= 48, "{sent} requests to a subscriber that said 410");
+    eventually(&db, "SELECT NOT active FROM thorn.subscriber").await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_subscriber_failing_for_too_long_is_deactivated() {
     let t = TestDb::new().await;
