@@ -109,19 +109,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             complain(Level::ERROR, format_args!("{error:#}"));
-            // A command run before `thorn migrate` meets missing tables.
-            let unmigrated = error.chain().any(|cause| {
-                cause
-                    .downcast_ref::<tokio_postgres::Error>()
-                    .and_then(tokio_postgres::Error::code)
-                    .is_some_and(|code| {
+            // A command run before `thorn migrate` meets missing tables (a
+            // transparent error hands on the DbError, not its wrapper), but
+            // Thorn's own tables are not for `thorn migrate` to make.
+            let chain = || error.chain();
+            let unmigrated = !chain()
+                .any(|cause| cause.is::<thorn::cli::import_thorn::ImportError>())
+                && chain().any(|cause| {
+                    let code = match cause.downcast_ref::<tokio_postgres::Error>() {
+                        Some(e) => e.code(),
+                        None => cause
+                            .downcast_ref::<tokio_postgres::error::DbError>()
+                            .map(tokio_postgres::error::DbError::code),
+                    };
+                    code.is_some_and(|code| {
                         [
                             tokio_postgres::error::SqlState::UNDEFINED_TABLE,
                             tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME,
                         ]
                         .contains(code)
                     })
-            });
+                });
             if unmigrated {
                 complain(
                     Level::INFO,
@@ -131,7 +139,6 @@ fn main() -> ExitCode {
             // A `[subscribers]` entry the database refuses is a bad config
             // too: exit 64; a schema newer than this binary, 65. Neither
             // goes away by restarting, and systemd does not restart them.
-            let chain = || error.chain();
             if chain().any(|cause| cause.is::<thorn::daemon::ConfigRefused>()) {
                 ExitCode::from(64)
             } else if chain().any(|cause| {

@@ -64,7 +64,12 @@ pub struct Skipped {
 pub enum ImportError {
     #[error("{0:?} is not a table name ([schema.]name, letters, digits and _)")]
     BadName(String),
-    #[error("reading Thorn's table: {0}")]
+    /// Its own hint: Thorn's tables are Django's, which `thorn migrate`
+    /// does not make.
+    #[error(
+        "reading Thorn's tables (is this Django's database? --source-url names \
+         another, --table and --users-table other tables)"
+    )]
     Read(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),

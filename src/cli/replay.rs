@@ -36,6 +36,13 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
     if args.events.is_empty() && args.from.is_none() && args.to.is_none() {
         anyhow::bail!("say which events to replay: --event ID, --from or --to");
     }
+    if let (Some(from), Some(to)) = (args.from, args.to) {
+        // `--from 2h --to 3h`: ages count back, so this range is empty.
+        anyhow::ensure!(
+            from < to,
+            "--from must be before --to (as ages, the larger one is --from: --from 3h --to 2h)"
+        );
+    }
     let selection = Events {
         ids: args.events,
         from: args.from,

@@ -41,19 +41,20 @@ pub async fn run(config: &Config, args: Args, out: &mut impl Write) -> anyhow::R
             .await?;
         anyhow::ensure!(found.is_some(), "no subscriber {id}");
     }
-    let unknown: Vec<Uuid> = db
+    // So is a delivery that is not dead: it is on its way or arrived.
+    let wrong: Vec<String> = db
         .query(
-            "SELECT i FROM unnest($1::uuid[]) AS i
-             WHERE NOT EXISTS (SELECT 1 FROM thorn.delivery d WHERE d.id = i)",
+            "SELECT coalesce(i || ' is ' || d.state || ', not dead', 'no delivery ' || i)
+             FROM unnest($1::uuid[]) AS i LEFT JOIN thorn.delivery d ON d.id = i
+             WHERE d.state IS DISTINCT FROM 'dead'",
             &[&args.deliveries],
         )
         .await?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
-    if !unknown.is_empty() {
-        let names: Vec<String> = unknown.iter().map(Uuid::to_string).collect();
-        anyhow::bail!("no delivery {}; nothing was re-queued", names.join(", "));
+    if !wrong.is_empty() {
+        anyhow::bail!("{}; nothing was re-queued", wrong.join(", "));
     }
     let selection = Selection {
         subscriber: args.subscriber,

@@ -17,7 +17,10 @@ pub struct Status {
     pub oldest_pending_event_age_seconds: Option<f64>,
     pub deliveries: Deliveries,
     pub active_subscribers: i64,
+    /// All of them: the lists below show the 100 changed last.
+    pub failing_count: i64,
     pub failing_subscribers: Vec<Subscriber>,
+    pub deactivated_count: i64,
     pub deactivated_subscribers: Vec<Subscriber>,
     /// Partitions of annotated trees that are not annotated themselves.
     pub uncaptured_partitions: Vec<String>,
@@ -38,6 +41,18 @@ pub struct Subscriber {
     pub url: String,
     pub failing_since: Option<String>,
     pub deactivated_reason: Option<String>,
+}
+
+/// Subscribers listed per kind; the counts cover them all.
+const LISTED: usize = 100;
+
+/// " (100 of 122, changed last)" when a list is cut short.
+fn shown(listed: usize, all: i64) -> String {
+    if i64::try_from(listed).is_ok_and(|n| n < all) {
+        format!(" ({listed} of {all}, changed last)")
+    } else {
+        String::new()
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,13 +96,19 @@ pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
         .query_one("SELECT count(*) FROM thorn.subscriber WHERE active", &[])
         .await?
         .try_get(0)?;
+    // The 100 changed last, and how many there are.
     let subscribers = |filter: &'static str| async move {
         let sql = format!(
-            "SELECT id, event, url, failing_since::text, deactivated_reason
-             FROM thorn.subscriber WHERE {filter} ORDER BY updated_at DESC LIMIT 100"
+            "SELECT id, event, url, failing_since::text, deactivated_reason, count(*) OVER ()
+             FROM thorn.subscriber WHERE {filter} ORDER BY updated_at DESC LIMIT {LISTED}"
         );
         let rows = db.query(&sql, &[]).await?;
-        rows.iter()
+        let all = match rows.first() {
+            Some(r) => r.try_get(5)?,
+            None => 0,
+        };
+        let listed = rows
+            .iter()
             .map(|r| {
                 Ok(Subscriber {
                     id: r.try_get(0)?,
@@ -97,8 +118,12 @@ pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
                     deactivated_reason: r.try_get(4)?,
                 })
             })
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        Ok::<_, tokio_postgres::Error>((all, listed))
     };
+    let (failing_count, failing_subscribers) =
+        subscribers("active AND failing_since IS NOT NULL").await?;
+    let (deactivated_count, deactivated_subscribers) = subscribers("NOT active").await?;
     Ok(Status {
         pending_events: events.try_get(0)?,
         oldest_pending_event_age_seconds: events.try_get(1)?,
@@ -109,8 +134,10 @@ pub async fn collect(db: &Client) -> Result<Status, tokio_postgres::Error> {
             dead: d.try_get(3)?,
         },
         active_subscribers: active,
-        failing_subscribers: subscribers("active AND failing_since IS NOT NULL").await?,
-        deactivated_subscribers: subscribers("NOT active").await?,
+        failing_count,
+        failing_subscribers,
+        deactivated_count,
+        deactivated_subscribers,
         uncaptured_partitions: migrate::uncaptured_partitions(db).await?,
     })
 }
@@ -130,7 +157,11 @@ impl std::fmt::Display for Status {
         )?;
         writeln!(f, "active subscribers: {}", self.active_subscribers)?;
         if !self.failing_subscribers.is_empty() {
-            writeln!(f, "failing subscribers:")?;
+            writeln!(
+                f,
+                "failing subscribers{}:",
+                shown(self.failing_subscribers.len(), self.failing_count)
+            )?;
             for s in &self.failing_subscribers {
                 let since = s.failing_since.as_deref().unwrap_or("?");
                 writeln!(
@@ -141,7 +172,11 @@ impl std::fmt::Display for Status {
             }
         }
         if !self.deactivated_subscribers.is_empty() {
-            writeln!(f, "deactivated subscribers:")?;
+            writeln!(
+                f,
+                "deactivated subscribers{}:",
+                shown(self.deactivated_subscribers.len(), self.deactivated_count)
+            )?;
             for s in &self.deactivated_subscribers {
                 let reason = s
                     .deactivated_reason

@@ -338,18 +338,18 @@ pub async fn set_active(
     id: Uuid,
     active: bool,
     reason: Option<&str>,
-) -> Result<Option<Subscription>, tokio_postgres::Error> {
+) -> Result<Option<Subscription>, StoreError> {
     let sql = format!(
         "UPDATE thorn.subscriber SET active = $2, operator_off = NOT $2,
              deactivated_reason = CASE WHEN $2 THEN NULL ELSE $3 END
          WHERE id = $1
          RETURNING {COLUMNS}"
     );
-    db.query_opt(&sql, &[&id, &active, &reason])
-        .await?
-        .as_ref()
-        .map(from_row)
-        .transpose()
+    let row = db
+        .query_opt(&sql, &[&id, &active, &reason])
+        .await
+        .map_err(rejected)?;
+    Ok(row.as_ref().map(from_row).transpose()?)
 }
 
 /// What a sync of the config's subscribers did to one row.

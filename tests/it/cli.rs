@@ -300,3 +300,108 @@ async fn commands_name_what_they_cannot_find() {
     assert_ne!(code, 0);
     assert!(err.contains("run `thorn migrate`"), "{err}");
 }
+
+/// Operator commands say what is wrong in their own words, with a hint
+/// only where it helps, and fail where doing nothing would mislead.
+#[tokio::test]
+async fn operator_commands_name_what_is_wrong() {
+    let t = TestDb::new().await;
+    let url = &t.url;
+    let db = t.client().await;
+    db.batch_execute(
+        "CREATE TABLE item (id int PRIMARY KEY);
+         SELECT thorn.webhook_model('public.item');
+         INSERT INTO item VALUES (1);",
+    )
+    .await
+    .expect("an event");
+    let sub = crate::support::subscribe(&db, "item.*", "https://example.com/", None, "s").await;
+    let delivery: uuid::Uuid = db
+        .query_one(
+            "INSERT INTO thorn.delivery (id, event_id, subscriber_id)
+             SELECT gen_random_uuid(), id, $1 FROM thorn.event RETURNING id",
+            &[&sub],
+        )
+        .await
+        .expect("a pending delivery")
+        .get(0);
+
+    // Retrying a delivery that is not dead re-queues nothing, and says so.
+    let id = delivery.to_string();
+    let (code, out, err) = thorn_cli(url, &["retry", "--delivery", &id]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains(&format!("{id} is pending, not dead")), "{err}");
+    // Ages count back: --from 2h --to 3h is an empty range.
+    let sub_id = sub.to_string();
+    let (code, _, err) = thorn_cli(
+        url,
+        &[
+            "replay",
+            "--subscriber",
+            &sub_id,
+            "--from",
+            "2h",
+            "--to",
+            "3h",
+        ],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--from must be before --to"), "{err}");
+
+    // A config subscriber removed from the config: the database's reason,
+    // not its raw error.
+    db.batch_execute(
+        "SELECT thorn.sync_config_subscribers('{\"c\": {\"event\": \"a\", \"url\": \"https://example.com/\"}}');
+         SELECT thorn.sync_config_subscribers('{}');",
+    )
+    .await
+    .expect("a config subscriber, then removed");
+    let removed: uuid::Uuid = db
+        .query_one(
+            "SELECT id FROM thorn.subscriber WHERE config_name = 'c'",
+            &[],
+        )
+        .await
+        .expect("removed row")
+        .get(0);
+    let (code, _, err) = thorn_cli(url, &["subscriber", "enable", &removed.to_string()]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("config") && !err.contains("db error"), "{err}");
+
+    // More switched off than the status lists: it says how many.
+    db.batch_execute(
+        "INSERT INTO thorn.subscriber (event, url, active)
+         SELECT 'a', 'https://example.com/' || i, false FROM generate_series(1, 104) AS i",
+    )
+    .await
+    .expect("switched-off subscribers");
+    let (code, out, err) = thorn_cli(url, &["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("deactivated subscribers (100 of 105, changed last):"),
+        "{out}"
+    );
+    let (_, out, _) = thorn_cli(url, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["deactivated_count"], 105);
+
+    // Thorn's tables are Django's: no `thorn migrate` hint for them, and
+    // the database's error once.
+    let (code, _, err) = thorn_cli(url, &["import-thorn"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("Django") && !err.contains("thorn migrate"),
+        "{err}"
+    );
+    assert_eq!(err.matches("db error").count(), 1, "{err}");
+    // Before `thorn migrate`, every command gets the hint, replay too.
+    let empty = TestDb::empty().await;
+    let (code, _, err) = thorn_cli(
+        &empty.url,
+        &["replay", "--subscriber", &sub_id, "--event", "1"],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("run `thorn migrate`"), "{err}");
+}
