@@ -113,8 +113,13 @@ fn main() -> ExitCode {
             // transparent error hands on the DbError, not its wrapper), but
             // Thorn's own tables are not for `thorn migrate` to make.
             let chain = || error.chain();
-            let unmigrated = !chain()
-                .any(|cause| cause.is::<thorn::cli::import_thorn::ImportError>())
+            let reading_thorns_tables = chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref(),
+                    Some(thorn::cli::import_thorn::ImportError::Read(_))
+                )
+            });
+            let unmigrated = !reading_thorns_tables
                 && chain().any(|cause| {
                     let code = match cause.downcast_ref::<tokio_postgres::Error>() {
                         Some(e) => e.code(),

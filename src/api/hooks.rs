@@ -151,7 +151,8 @@ fn parse_body(
         Some(_) => problem("owner", "must be a string or null"),
     }
     // An admin is an operator: their switch-off holds against the owner,
-    // and their switch-on lifts an operator's.
+    // and their switch-on lifts an operator's (only when `active` changes:
+    // see subscribers::update).
     if caller.admin {
         changes.operator_off = changes.active.map(|active| !active);
     }
@@ -314,12 +315,7 @@ async fn change(
         .await?
         .ok_or_else(ApiError::not_found)?;
     let body = read_body(body).await?;
-    let (mut changes, errors) = parse_body(&body, mode, &caller)?;
-    // An admin's `active` is an operator's switch only when it switches: a
-    // row written back as it is (GET, edit, PUT) keeps who switched it off.
-    if changes.active == Some(current.active) {
-        changes.operator_off = None;
-    }
+    let (changes, errors) = parse_body(&body, mode, &caller)?;
     let url_problem = url_problem(api, Some(&current), &changes).await;
     let db = api.db().await?;
     validate(&db, Some(&current), &changes, errors, url_problem).await?;

@@ -59,7 +59,7 @@ pub struct Changes {
     pub ordered: Option<bool>,
     pub active: Option<bool>,
     /// Set with `active` by operators: their switch-off holds, their
-    /// switch-on lifts it.
+    /// switch-on lifts it; ignored when `active` does not change.
     pub operator_off: Option<bool>,
 }
 
@@ -288,7 +288,11 @@ pub async fn update(
              hmac_signer = coalesce($10, hmac_signer),
              ordered = coalesce($11, ordered),
              active = coalesce($12, active),
-             operator_off = coalesce($13, operator_off)
+             -- Only a switch is an operator's: a row written back as it is
+             -- (GET, edit, PUT) keeps who switched it off. Decided against
+             -- the row as it is now, not as it was read.
+             operator_off = CASE WHEN $12 IS DISTINCT FROM active
+                                 THEN coalesce($13, operator_off) ELSE operator_off END
          WHERE id = $1 AND ($2::text IS NULL OR owner = $2)
          RETURNING {COLUMNS}"
     );

@@ -355,9 +355,14 @@ impl InFlight {
             .drain(keep..)
             .map(|d| (d.id, d.lease, due))
             .collect();
+        let mut orphans = Vec::new();
         if next.is_none() {
             line.sending -= 1;
-            if line.sending == 0 && line.waiting.is_empty() {
+            if line.sending == 0 {
+                // Nobody is left to send what still waits (a send that
+                // ended without going on): given back, due now.
+                let now = Instant::now();
+                orphans.extend(line.waiting.drain(..).map(|d| (d.id, d.lease, now)));
                 t.per_subscriber.remove(&subscriber);
             }
         }
@@ -365,6 +370,7 @@ impl InFlight {
             t.deliveries.remove(id);
         }
         t.given_back.extend(given_back);
+        t.given_back.extend(orphans);
         drop(t);
         if !stale.is_empty() {
             tracing::warn!(
@@ -449,6 +455,9 @@ impl InFlight {
                 .into_iter()
                 .partition(|d| !row.is_some_and(|r| r.sends_as(d)));
             line.waiting = kept;
+            if line.sending == 0 && line.waiting.is_empty() {
+                t.per_subscriber.remove(&id);
+            }
             given_back.extend(stale.iter().map(|d: &queue::Claimed| (d.id, d.lease, now)));
         }
         if !given_back.is_empty() {
@@ -563,6 +572,14 @@ impl Worker {
                     Ok(p) => p,
                     Err(_) => return Ok(()),
                 },
+                // Every slot taken (their senders go through their lines):
+                // the lines are still looked at.
+                _ = tokio::time::sleep(RECHECK), if in_flight.lines_wait() => {
+                    in_flight.recheck_lines(client).await?;
+                    in_flight.release_given_back(client).await?;
+                    rechecked = Instant::now();
+                    continue;
+                }
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let mut permits = vec![first];
@@ -711,12 +728,12 @@ impl Worker {
             let mut unwinding = FinishOnPanic {
                 in_flight: in_flight.clone(),
                 ready: ready.clone(),
-                delivery: delivery.id,
+                delivery: Some(delivery.id),
                 subscriber: delivery.subscriber_id,
                 share,
             };
             loop {
-                unwinding.delivery = delivery.id;
+                unwinding.delivery = Some(delivery.id);
                 let attempt = tokio::select! {
                     attempt = client.attempt(&delivery) => attempt,
                     // Past the shutdown grace: the caller releases the lease.
@@ -739,7 +756,9 @@ impl Worker {
                     _ = abort.cancelled() => false,
                 };
                 // Only now, right before its attempt, is the next one judged
-                // fresh: handing over may have waited a while.
+                // fresh: handing over may have waited a while. (Finished
+                // here, it is not the guard's to finish again.)
+                unwinding.delivery = None;
                 let next = in_flight.finish(
                     id,
                     subscriber,
@@ -834,17 +853,17 @@ fn outcome(d: &queue::Claimed, attempt: &Attempt, settings: &Settings) -> Done {
 struct FinishOnPanic {
     in_flight: Arc<InFlight>,
     ready: Arc<Notify>,
-    delivery: Uuid,
+    /// The delivery being sent; `None` while [`InFlight::finish`] runs.
+    delivery: Option<Uuid>,
     subscriber: Uuid,
     share: Share,
 }
 
 impl Drop for FinishOnPanic {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let (id, subscriber) = (self.delivery, self.subscriber);
+        if let (true, Some(id)) = (std::thread::panicking(), self.delivery) {
             self.in_flight
-                .finish(id, subscriber, Endpoint::Unheard, false, self.share);
+                .finish(id, self.subscriber, Endpoint::Unheard, false, self.share);
             self.ready.notify_one();
         }
     }

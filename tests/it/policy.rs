@@ -197,38 +197,57 @@ async fn count_until_quiet(rx: &mut Receiver) -> usize {
 /// A sender holds up to four lines of 32 claimed deliveries per busy
 /// subscriber in memory. Those must not go out once the subscriber is
 /// switched off or deleted: only the requests already on their way (32;
-/// 31 here) and any that started before the sender looked again (it looks
-/// every 250 ms) may arrive. All 160 held at the time once did.
+/// 31 here, as the first was counted before) may arrive; all those held
+/// at the time once did. The sender looks at the lines every 250 ms, also
+/// while a slower subscriber and this one hold every slot (64 here), which
+/// once kept it from looking until a slot came free.
 #[tokio::test]
 async fn a_switched_off_or_deleted_subscriber_gets_nothing_more_of_what_was_held() {
     for off in [
-        "UPDATE thorn.subscriber SET active = false",
-        "DELETE FROM thorn.subscriber",
+        "UPDATE thorn.subscriber SET active = false WHERE url LIKE '%/fast'",
+        "DELETE FROM thorn.subscriber WHERE url LIKE '%/fast'",
     ] {
         let t = TestDb::new().await;
         let db = t.client().await;
         item_table(&db).await;
-        let mut rx = Receiver::start().await;
-        rx.otherwise(Reply {
+        let mut fast = Receiver::start().await;
+        fast.otherwise(Reply {
             status: 200,
-            delay: Duration::from_secs(1),
+            delay: Duration::from_secs(2),
             ..Reply::default()
         });
-        subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-        // The defaults' timeout and lease: four lines deep.
+        let mut slow = Receiver::start().await;
+        slow.otherwise(Reply {
+            status: 200,
+            delay: Duration::from_secs(8),
+            ..Reply::default()
+        });
+        subscribe(&db, "item.*", &fast.url("/fast"), None, "secret").await;
+        // Lines two limits deep (a 10 s timeout, a 40 s lease), and slots
+        // for the two subscribers' limits only.
         let mut config = t.config();
-        config.delivery.timeout = Duration::from_secs(3);
-        config.delivery.lease_setting = Some(Duration::from_secs(30));
+        config.delivery.timeout = Duration::from_secs(10);
+        config.delivery.lease_setting = Some(Duration::from_secs(40));
+        config.delivery.concurrency = 64;
         let daemon = Daemon::start(config);
         db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 400)")
             .await
             .expect("insert");
-        rx.next(WAIT).await.expect("a first request");
-        // Let the lines fill behind the 32 requests in flight.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        fast.next(WAIT).await.expect("a first request");
+        // The slow subscriber takes the other 32 slots, for 8 s at a time.
+        subscribe(&db, "item.*", &slow.url("/slow"), None, "secret").await;
+        db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 400)")
+            .await
+            .expect("insert");
+        slow.next(WAIT).await.expect("a slow request");
+        // Right after the fast subscriber's next 32 requests began (they
+        // end 2 s later, together), with its lines full behind them.
+        while fast.next(Duration::from_millis(200)).await.is_some() {}
+        fast.next(WAIT).await.expect("the next round");
+        tokio::time::sleep(Duration::from_millis(300)).await;
         db.batch_execute(off).await.expect(off);
-        let after = count_until_quiet(&mut rx).await;
-        assert!(after < 100, "{off}: {after} requests arrived afterwards");
+        let after = count_until_quiet(&mut fast).await;
+        assert!(after <= 40, "{off}: {after} requests arrived afterwards");
         daemon.stop().await;
     }
 }
