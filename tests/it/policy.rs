@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use thorn::config::Config;
 use tokio_postgres::Client;
 
 use crate::resilience::config as process_config;
@@ -24,19 +25,29 @@ fn item(r: &Received) -> i64 {
     r.json()["data"]["n"].as_i64().expect("n")
 }
 
-#[tokio::test]
-async fn retry_after_is_honoured() {
+/// An item table, subscribed by a receiver whose first answer is a 429
+/// asking to wait `retry_after`, and a config sending one request at a
+/// time, so that the 429 comes before any other request.
+async fn after_a_429(retry_after: &'static str) -> (TestDb, Client, Receiver, Config) {
     let t = TestDb::new().await;
     let db = t.client().await;
     item_table(&db).await;
-    let mut rx = Receiver::start().await;
+    let rx = Receiver::start().await;
     rx.reply(Reply {
         status: 429,
-        retry_after: Some("2"),
+        retry_after: Some(retry_after),
         ..Reply::default()
     });
     subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    let daemon = Daemon::start(t.config()); // schedule: 100ms, 200ms
+    let mut config = t.config();
+    config.delivery.per_subscriber_concurrency = 1;
+    (t, db, rx, config)
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let (_t, db, mut rx, config) = after_a_429("2").await;
+    let daemon = Daemon::start(config); // schedule: 100ms, 200ms
     db.batch_execute("INSERT INTO item (n) VALUES (1)")
         .await
         .expect("insert");
@@ -54,19 +65,7 @@ async fn retry_after_is_honoured() {
 /// attempt on the same answer), and all arrive once the pause is over.
 #[tokio::test]
 async fn retry_after_pauses_the_whole_subscriber() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    item_table(&db).await;
-    let mut rx = Receiver::start().await;
-    rx.reply(Reply {
-        status: 429,
-        retry_after: Some("2"),
-        ..Reply::default()
-    });
-    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    let mut config = t.config();
-    // One at a time, so that the 429 comes before any other request.
-    config.delivery.per_subscriber_concurrency = 1;
+    let (_t, db, mut rx, config) = after_a_429("2").await;
     let daemon = Daemon::start(config);
     db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 6)")
         .await
@@ -94,18 +93,7 @@ async fn retry_after_pauses_the_whole_subscriber() {
 /// whose slot then stayed taken, and the subscriber got nothing more.
 #[tokio::test]
 async fn a_retry_after_beyond_any_clock_is_capped() {
-    let t = TestDb::new().await;
-    let db = t.client().await;
-    item_table(&db).await;
-    let mut rx = Receiver::start().await;
-    rx.reply(Reply {
-        status: 429,
-        retry_after: Some("18446744073709551615"),
-        ..Reply::default()
-    });
-    subscribe(&db, "item.*", &rx.url("/"), None, "secret").await;
-    let mut config = t.config();
-    config.delivery.per_subscriber_concurrency = 1;
+    let (_t, db, mut rx, mut config) = after_a_429("18446744073709551615").await;
     config.delivery.max_retry_after = Duration::from_secs(1);
     let daemon = Daemon::start(config);
     db.batch_execute("INSERT INTO item (n) SELECT generate_series(1, 5)")
