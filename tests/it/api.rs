@@ -817,6 +817,15 @@ async fn clients_cannot_hold_the_api() {
     assert_eq!(status, 200);
 }
 
+/// A subscription of alice's to `a.*`; its path.
+async fn alices_subscription(api: &Call) -> String {
+    let body = json!({"event": "a.*", "url": "https://example.com/"});
+    let (_, created) = api
+        .send(Method::POST, "/hooks/", Some("alice"), Some(body))
+        .await;
+    format!("/hooks/{}/", created["id"].as_str().expect("id"))
+}
+
 /// An operator's switch-off holds: the owner may switch their own
 /// subscription off and on, but not one an admin or `thorn subscriber
 /// disable` switched off; an operator's switch-on lifts it. A config sync
@@ -825,15 +834,7 @@ async fn clients_cannot_hold_the_api() {
 async fn an_operators_switch_off_holds_against_the_owner() {
     let t = TestDb::new().await;
     let api = Call::new(&api_config(&t)).await;
-    let (_, created) = api
-        .send(
-            Method::POST,
-            "/hooks/",
-            Some("alice"),
-            Some(json!({"event": "a.*", "url": "https://example.com/"})),
-        )
-        .await;
-    let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
+    let path = alices_subscription(&api).await;
     let patch = |who: &'static str, active: bool| {
         api.send(
             Method::PATCH,
@@ -864,7 +865,7 @@ async fn an_operators_switch_off_holds_against_the_owner() {
         (StatusCode::OK, json!(true))
     );
     // So does the CLI's, until the CLI lifts it.
-    let id = created["id"].as_str().expect("id");
+    let id = &path["/hooks/".len()..path.len() - 1];
     let (code, _, err) = crate::support::thorn_cli(&t.url, &["subscriber", "disable", id]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(patch("alice", true).await.0, StatusCode::CONFLICT);
@@ -962,15 +963,7 @@ async fn an_operators_switch_off_holds_against_the_owner() {
 async fn writing_a_subscription_back_unchanged_changes_nothing_it_did_not_say() {
     let t = TestDb::new().await;
     let api = Call::new(&api_config(&t)).await;
-    let (_, created) = api
-        .send(
-            Method::POST,
-            "/hooks/",
-            Some("alice"),
-            Some(json!({"event": "a.*", "url": "https://example.com/"})),
-        )
-        .await;
-    let path = format!("/hooks/{}/", created["id"].as_str().expect("id"));
+    let path = alices_subscription(&api).await;
     let send = |who: &'static str, method: Method, body: Value| {
         api.send(method, &path, Some(who), Some(body))
     };
