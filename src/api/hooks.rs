@@ -162,16 +162,11 @@ fn parse_body(
     Ok((changes, errors))
 }
 
-/// What the address guard says of a new URL; one written back unchanged
-/// (GET, edit, PUT) was the operator's to allow. Asked before a database
-/// connection is taken: it may wait for DNS, and the API's connections are
-/// few.
-async fn url_problem(api: &Api, base: Option<&Subscription>, changes: &Changes) -> Option<String> {
-    let url = changes.url.as_deref()?;
-    if base.is_some_and(|b| b.url == url) {
-        return None;
-    }
-    api.check_url(url).await.err()
+/// What the address guard says of a URL being written. Asked before a
+/// database connection is taken: it may wait for DNS, and the API's
+/// connections are few.
+async fn url_problem(api: &Api, changes: &Changes) -> Option<String> {
+    api.check_url(changes.url.as_deref()?).await.err()
 }
 
 /// Collects every problem: types and required fields, the database's rules
@@ -263,7 +258,7 @@ pub async fn create(
     Body64k(body): Body64k,
 ) -> Result<Response, ApiError> {
     let (changes, errors) = parse_body(&body, Mode::Create, &caller)?;
-    let url_problem = url_problem(&api, None, &changes).await;
+    let url_problem = url_problem(&api, &changes).await;
     let db = api.db().await?;
     validate(&db, None, &changes, errors, url_problem).await?;
     let row = subscribers::insert(&**db, &changes).await?;
@@ -316,13 +311,23 @@ async fn change(
         .ok_or_else(ApiError::not_found)?;
     let body = read_body(body).await?;
     let (changes, errors) = parse_body(&body, mode, &caller)?;
-    let url_problem = url_problem(api, Some(&current), &changes).await;
+    let mut url_problem = url_problem(api, &changes).await;
+    // A URL the guard refuses, written back as the row has it (GET, edit,
+    // PUT of an operator's subscription), is kept: the UPDATE checks that
+    // the row still has it, or it is refused after all.
+    let kept_url = url_problem.take_if(|_| changes.url.as_deref() == Some(current.url.as_str()));
     let db = api.db().await?;
     validate(&db, Some(&current), &changes, errors, url_problem).await?;
-    let row = subscribers::update(&**db, id, caller.scope(), &changes)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    Ok(Json(view(api, headers, row)).into_response())
+    let row = subscribers::update(&**db, id, caller.scope(), &changes, kept_url.is_some()).await?;
+    match (row, kept_url) {
+        (Some(row), _) => Ok(Json(view(api, headers, row)).into_response()),
+        (None, Some(problem)) if subscribers::get(&**db, id, caller.scope()).await?.is_some() => {
+            Err(ApiError::invalid(
+                [("url".to_owned(), vec![problem])].into(),
+            ))
+        }
+        (None, _) => Err(ApiError::not_found()),
+    }
 }
 
 pub async fn replace(

@@ -267,12 +267,15 @@ pub async fn list(
         .collect()
 }
 
-/// Applies `changes` to the row if `scope` may see it; `None` if not.
+/// Applies `changes` to the row if `scope` may see it, and, if
+/// `url_must_stay`, the row's URL is already the one `changes` writes;
+/// `None` if not.
 pub async fn update(
     db: &impl GenericClient,
     id: Uuid,
     scope: Option<&str>,
     changes: &Changes,
+    url_must_stay: bool,
 ) -> Result<Option<Subscription>, StoreError> {
     let set_owner = changes.owner.is_some();
     let owner: Option<&str> = changes.owner.as_ref().and_then(|o| o.as_deref());
@@ -293,7 +296,7 @@ pub async fn update(
              -- the row as it is now, not as it was read.
              operator_off = CASE WHEN $12 IS DISTINCT FROM active
                                  THEN coalesce($13, operator_off) ELSE operator_off END
-         WHERE id = $1 AND ($2::text IS NULL OR owner = $2)
+         WHERE id = $1 AND ($2::text IS NULL OR owner = $2) AND (NOT $14 OR url = $4)
          RETURNING {COLUMNS}"
     );
     let row = db
@@ -313,6 +316,7 @@ pub async fn update(
                 &changes.ordered,
                 &changes.active,
                 &changes.operator_off,
+                &url_must_stay,
             ],
         )
         .await

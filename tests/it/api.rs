@@ -996,6 +996,43 @@ async fn writing_a_subscription_back_unchanged_changes_nothing_it_did_not_say() 
     let (status, body) = send("alice", Method::PUT, whole).await;
     assert_eq!(error_fields(&body, "invalid"), ["url"], "{status}");
 
+    // "As the row has it" means when it is written: a URL changed by an
+    // operator while the body was on its way is judged by the guard.
+    let addr = api.server.url("/");
+    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let body = json!({"url": "http://10.1.2.3/x"}).to_string();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        token("alice"),
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket.write_all(head.as_bytes()).await.expect("head");
+    socket
+        .write_all(&body.as_bytes()[..1])
+        .await
+        .expect("a byte");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    db.batch_execute("UPDATE thorn.subscriber SET url = 'http://10.9.9.9/y'")
+        .await
+        .expect("an operator's new URL");
+    socket
+        .write_all(&body.as_bytes()[1..])
+        .await
+        .expect("the rest");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"url\""), "{answer}");
+    let kept: String = db
+        .query_one("SELECT url FROM thorn.subscriber", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(kept, "http://10.9.9.9/y");
+
     // Another owner's id is a 404 before its body is read, however large.
     let huge = json!({"event": "x".repeat(200_000)});
     let (status, body) = send("bob", Method::PATCH, huge.clone()).await;
