@@ -45,6 +45,8 @@ pub struct Claimed {
     pub digest: String,
     pub content_type: String,
     pub active: bool,
+    /// One at a time, in event order: a line must not hold its deliveries.
+    pub ordered: bool,
     /// `sign` or `compat`: the Hook-HMAC scheme.
     pub signer: String,
     /// Age of the event (since its transaction's `now()`) at the claim.
@@ -114,6 +116,35 @@ const MARK_DISPATCHED: &str = "UPDATE thorn.event SET dispatched_at = now() WHER
 
 const ADVANCE_HORIZON: &str = "SELECT thorn.advance_outbox_horizon()";
 
+/// SQL: whether the oldest pending delivery `$d` of an ordered subscriber
+/// (a row with `subscriber_id` and `event_id`) may go now. Every earlier
+/// event must be dispatched: dispatchers skip each other's locked events,
+/// so with several daemons a later event's deliveries can be written
+/// first. And nothing else of the subscriber may be out or waiting for a
+/// retry (a replayed or retried older delivery is written behind one that
+/// is). The horizon's `low` bounds the first scan to the events not known
+/// to be dispatched.
+macro_rules! ordered_turn {
+    ($d:literal) => {
+        concat!(
+            "NOT EXISTS (SELECT 1 FROM thorn.event e
+                         WHERE e.id > coalesce((SELECT low FROM thorn.outbox_horizon), 0)
+                           AND e.id < ",
+            $d,
+            ".event_id AND e.dispatched_at IS NULL)
+             AND NOT EXISTS (SELECT 1 FROM thorn.delivery f
+                             WHERE f.state = 'pending'
+                               AND f.subscriber_id >= ",
+            $d,
+            ".subscriber_id
+                               AND f.subscriber_id <= ",
+            $d,
+            ".subscriber_id
+                               AND f.next_attempt_at > now())"
+        )
+    };
+}
+
 // A claim pushes next_attempt_at one lease ahead: that is the lease.
 //
 // What a claim may take: per subscriber, its room ($3 for the subscribers
@@ -152,11 +183,12 @@ const ADVANCE_HORIZON: &str = "SELECT thorn.advance_outbox_horizon()";
 // Rows are locked by id (FOR UPDATE OF d SKIP LOCKED); the recheck that
 // they are still due is a CASE, so no plan can turn it into an index walk.
 // Only delivery rows are locked, so daemons never queue on a subscriber.
-pub const CLAIM_DELIVERIES: &str = "
+pub const CLAIM_DELIVERIES: &str = concat!(
+    "
     WITH RECURSIVE held (subscriber_id, room) AS (
         SELECT * FROM unnest($2::uuid[], $3::int4[])
     ), head AS (
-        SELECT d.id, d.subscriber_id, d.next_attempt_at FROM thorn.delivery d
+        SELECT d.id, d.subscriber_id, d.event_id, d.next_attempt_at FROM thorn.delivery d
         WHERE d.state = 'pending' AND d.next_attempt_at <= now()
         ORDER BY d.next_attempt_at
         LIMIT $1
@@ -173,7 +205,9 @@ pub const CLAIM_DELIVERIES: &str = "
                             AND o.subscriber_id >= h.subscriber_id
                             AND o.subscriber_id <= h.subscriber_id
                           ORDER BY o.subscriber_id, o.event_id, o.created_at, o.id
-                          LIMIT 1)
+                          LIMIT 1) AND ",
+    ordered_turn!("h"),
+    "
                    FROM thorn.subscriber s WHERE s.id = h.subscriber_id)
         ) c
         WHERE c.nth <= c.room
@@ -208,13 +242,15 @@ pub const CLAIM_DELIVERIES: &str = "
              LIMIT t.room)
             UNION ALL
             SELECT oldest.id FROM (
-                SELECT d.id, d.next_attempt_at FROM thorn.delivery d
+                SELECT d.id, d.subscriber_id, d.event_id, d.next_attempt_at FROM thorn.delivery d
                 WHERE t.ordered AND d.state = 'pending'
                   AND d.subscriber_id >= t.subscriber_id AND d.subscriber_id <= t.subscriber_id
                 ORDER BY d.subscriber_id, d.event_id, d.created_at, d.id
                 LIMIT 1
             ) oldest
-            WHERE oldest.next_attempt_at <= now()
+            WHERE oldest.next_attempt_at <= now() AND ",
+    ordered_turn!("oldest"),
+    "
         ) x
         WHERE t.room > 0
         LIMIT $1
@@ -239,11 +275,14 @@ pub const CLAIM_DELIVERIES: &str = "
     )
     SELECT c.id, c.attempts, c.event_id, e.name, e.ref, e.sender, e.data::text,
            s.id, s.url, s.hmac_secret, s.hmac_digest, s.content_type, s.active,
-           s.hmac_signer, CASE WHEN isfinite(e.created_at) THEN extract(epoch FROM now() - e.created_at) ELSE 0 END::float8, c.next_attempt_at
+           s.hmac_signer, CASE WHEN isfinite(e.created_at) THEN extract(epoch FROM now() - e.created_at) ELSE 0 END::float8, c.next_attempt_at,
+           s.ordered
     FROM claimed c
     JOIN thorn.event e ON e.id = c.event_id
     JOIN thorn.subscriber s ON s.id = c.subscriber_id
-    ORDER BY c.ord";
+    ORDER BY c.ord
+"
+);
 
 /// Records the outcomes of attempts, each only if its delivery still holds
 /// the lease the attempt was made under ($9): an outcome that comes after
@@ -431,6 +470,7 @@ impl Statements {
                         .unwrap_or_default(),
                     claimed_at,
                     lease: r.try_get(15)?,
+                    ordered: r.try_get(16)?,
                 })
             })
             .collect()
@@ -493,6 +533,7 @@ impl Statements {
 /// what a delivery claimed a while ago took from it.
 pub struct SendsAs {
     active: bool,
+    ordered: bool,
     url: String,
     secret: String,
     digest: String,
@@ -504,6 +545,7 @@ impl SendsAs {
     /// Whether `d`, claimed earlier, would still go out as it was claimed.
     pub fn sends_as(&self, d: &Claimed) -> bool {
         self.active == d.active
+            && self.ordered == d.ordered
             && self.url == d.url
             && self.secret == d.secret.0
             && self.digest == d.digest
@@ -520,7 +562,7 @@ pub async fn subscriber_rows(
 ) -> Result<HashMap<Uuid, SendsAs>, tokio_postgres::Error> {
     let rows = db
         .query(
-            "SELECT id, active, url, hmac_secret, hmac_digest, content_type, hmac_signer
+            "SELECT id, active, url, hmac_secret, hmac_digest, content_type, hmac_signer, ordered
              FROM thorn.subscriber WHERE id = ANY($1)",
             &[&ids],
         )
@@ -534,6 +576,7 @@ pub async fn subscriber_rows(
                 digest: r.try_get(4)?,
                 content_type: r.try_get(5)?,
                 signer: r.try_get(6)?,
+                ordered: r.try_get(7)?,
             };
             Ok((r.try_get(0)?, sends))
         })

@@ -429,8 +429,8 @@ impl InFlight {
     }
 
     /// Gives back the waiting deliveries whose subscriber's row changed
-    /// since they were claimed: switched off, deleted, sent elsewhere or
-    /// signed otherwise. A line holds claims made up to a few seconds
+    /// since they were claimed: switched off, deleted, made ordered (one
+    /// at a time), sent elsewhere or signed otherwise. A line holds claims made up to a few seconds
     /// before, which must not go out as they were (an operator's switch-off
     /// stops deliveries); claimed again, they take the row as it is now.
     /// Requests already on their way are not recalled.
@@ -896,6 +896,7 @@ mod tests {
             digest: "sha256".into(),
             content_type: "application/json".into(),
             active: true,
+            ordered: false,
             signer: "sign".into(),
             event_age: Duration::ZERO,
             claimed_at: Instant::now(),

@@ -435,6 +435,47 @@ async fn ordered_subscribers_get_one_at_a_time_in_event_order() {
     daemon.stop().await;
 }
 
+/// Dispatchers claim events with SKIP LOCKED, so with several daemons a
+/// later event's deliveries may be written before an earlier one's. An
+/// ordered subscriber's delivery waits until every earlier event is
+/// dispatched. Here a transaction holds the first event as another
+/// daemon's dispatcher would, while the daemon dispatches the second.
+#[tokio::test]
+async fn an_ordered_subscriber_waits_for_earlier_events_still_being_dispatched() {
+    let t = TestDb::new().await;
+    let mut db = t.client().await;
+    item_table(&db).await;
+    let mut rx = Receiver::start().await;
+    db.execute(
+        "INSERT INTO thorn.subscriber (event, url, hmac_secret, ordered) VALUES ('item.*', $1, 'secret', true)",
+        &[&rx.url("/")],
+    )
+    .await
+    .expect("subscriber");
+    db.batch_execute("INSERT INTO item (n) VALUES (1); INSERT INTO item (n) VALUES (2);")
+        .await
+        .expect("two events");
+    let other = db.transaction().await.expect("transaction");
+    other
+        .batch_execute("SELECT 1 FROM thorn.event WHERE data->>'n' = '1' FOR UPDATE")
+        .await
+        .expect("the first event, held");
+    let daemon = Daemon::start(t.config());
+    eventually(
+        &t.client().await,
+        "SELECT dispatched_at IS NOT NULL FROM thorn.event WHERE data->>'n' = '2'",
+    )
+    .await;
+    assert!(
+        rx.next(Duration::from_secs(1)).await.is_none(),
+        "sent ahead of item 1"
+    );
+    other.rollback().await.expect("let go");
+    let got = rx.expect(2, WAIT, QUIET).await;
+    assert_eq!(got.iter().map(item).collect::<Vec<_>>(), [1, 2]);
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn retention_prunes_old_rows_and_keeps_pending_ones() {
     let t = TestDb::new().await;

@@ -239,6 +239,7 @@ async fn secrets_stay_out_of_logs_errors_and_debug_output() {
         digest: "sha256".into(),
         content_type: "application/json".into(),
         active: true,
+        ordered: false,
         signer: "sign".into(),
         event_age: std::time::Duration::ZERO,
         claimed_at: std::time::Instant::now(),
