@@ -94,12 +94,20 @@ impl Reloader {
                 )
             }
             Ok(new) => {
-                let (applied, ok) = self.apply_config(new).await;
-                self.state.metrics.reloaded(ok);
-                if applied.is_empty() {
-                    "reloaded: nothing to change at run time".to_string()
-                } else {
-                    format!("reloaded: {}", applied.join(", "))
+                let (applied, failed) = self.apply_config(new).await;
+                self.state.metrics.reloaded(failed.is_empty());
+                match (applied.is_empty(), failed.is_empty()) {
+                    (true, true) => "reloaded: nothing to change at run time".to_string(),
+                    (false, true) => format!("reloaded: {}", applied.join(", ")),
+                    (true, false) => format!(
+                        "reload failed for {} (see the log); running with the previous values",
+                        failed.join(", ")
+                    ),
+                    (false, false) => format!(
+                        "reload failed for {} (see the log); applied: {}",
+                        failed.join(", "),
+                        applied.join(", ")
+                    ),
                 }
             }
         };
@@ -110,11 +118,11 @@ impl Reloader {
         }
     }
 
-    /// Applies what can change; returns the keys applied and whether all
-    /// of the wanted changes worked.
-    async fn apply_config(&mut self, new: Config) -> (Vec<&'static str>, bool) {
+    /// Applies what can change; returns the keys applied and those whose
+    /// change failed.
+    async fn apply_config(&mut self, new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
         let mut applied = Vec::new();
-        let mut ok = true;
+        let mut failed = Vec::new();
         if new.log.level != self.current.log.level {
             match self.logging.as_ref().map(|l| l.set_level(&new.log.level)) {
                 Some(Ok(true)) => {
@@ -128,7 +136,7 @@ impl Reloader {
                     tracing::warn!("log.level changed, but RUST_LOG is set and wins");
                 }
                 Some(Err(error)) => {
-                    ok = false;
+                    failed.push("log.level");
                     tracing::error!(%error, "log.level: cannot apply");
                 }
                 None => {}
@@ -141,7 +149,7 @@ impl Reloader {
                     self.current.metrics.listen = new.metrics.listen;
                 }
                 Err(error) => {
-                    ok = false;
+                    failed.push("metrics.listen");
                     tracing::error!(
                         error = format!("{error:#}"),
                         "metrics.listen: keeping the old endpoint"
@@ -158,7 +166,7 @@ impl Reloader {
         } else {
             match self.apply_subscribers(&new).await {
                 Some(true) => applied.push("subscribers"),
-                Some(false) => ok = false,
+                Some(false) => failed.push("subscribers"),
                 None => {}
             }
         }
@@ -166,8 +174,8 @@ impl Reloader {
         if !later.is_empty() {
             tracing::warn!(keys = ?later, "changed, but only applied by a restart");
         }
-        tracing::info!(applied = ?applied, "config reloaded");
-        (applied, ok)
+        tracing::info!(applied = ?applied, failed = ?failed, "config reloaded");
+        (applied, failed)
     }
 
     /// Writes `new`'s `[subscribers]` if they differ from the running

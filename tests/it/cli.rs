@@ -386,6 +386,18 @@ async fn operator_commands_name_what_is_wrong() {
     let status: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(status["deactivated_count"], 105);
 
+    // A table locked for good (a migration gone wrong): the command says
+    // so within its lock timeout (10 s) instead of waiting for ever.
+    let mut locker = t.client().await;
+    let lock = locker.transaction().await.expect("transaction");
+    lock.batch_execute("LOCK TABLE thorn.delivery IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let (code, _, err) = thorn_cli(url, &["status"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("lock timeout"), "{err}");
+    lock.rollback().await.expect("unlock");
+
     // Thorn's tables are Django's: no `thorn migrate` hint for them, and
     // the database's error once.
     let (code, _, err) = thorn_cli(url, &["import-thorn"]).await;

@@ -351,6 +351,28 @@ async fn the_binary_tells_systemd_ready_status_watchdog_reloading_stopping() {
         1.0
     );
 
+    // A good config whose change fails (the port is taken) says so.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a taken port");
+    let taken_at = taken.local_addr().expect("addr");
+    std::fs::write(
+        &config,
+        binary_config(&t, &format!("[metrics]\nlisten = \"{taken_at}\""))
+            .replace("level = \"info\"", "level = \"debug\""),
+    )
+    .expect("config");
+    signal(pid, "HUP");
+    notes.until(WAIT, |m| m.contains("RELOADING=1")).await;
+    let failed = notes.until(WAIT, |m| m.contains("READY=1")).await;
+    assert!(
+        failed.contains("reload failed for metrics.listen"),
+        "{failed}"
+    );
+    assert_eq!(
+        http_get(addr, "/readyz").await.0,
+        200,
+        "the old endpoint stays"
+    );
+
     // SIGTERM: STOPPING=1, then a clean exit.
     signal(pid, "TERM");
     notes.until(WAIT, |m| m.contains("STOPPING=1")).await;
