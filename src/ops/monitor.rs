@@ -81,7 +81,7 @@ impl Monitor {
             let started = self.state.ready.load(Ordering::SeqCst);
             if health.healthy && started {
                 self.notifier.watchdog_ping();
-            } else if !health.healthy && health.problems != last_problems {
+            } else if !health.healthy && !same_problems(&health.problems, &last_problems) {
                 tracing::error!(problems = ?health.problems, "unhealthy: not feeding the watchdog");
             }
             last_problems = health.problems;
@@ -170,6 +170,16 @@ impl Monitor {
     }
 }
 
+/// Whether two lists of problems name the same ones: "no progress for 63s"
+/// is the same problem as "for 58s" five seconds earlier, not news to log.
+fn same_problems(now: &[String], before: &[String]) -> bool {
+    let kinds = |problems: &[String]| -> Vec<String> {
+        let kind = |p: &String| p.chars().filter(|c| !c.is_ascii_digit()).collect();
+        problems.iter().map(kind).collect()
+    };
+    kinds(now) == kinds(before)
+}
+
 fn status_line(state: &State, backlog: Option<&Backlog>, problems: &[String]) -> String {
     if let Some(first) = problems.first() {
         return format!("unhealthy: {first}");
@@ -193,6 +203,17 @@ fn status_line(state: &State, backlog: Option<&Backlog>, problems: &[String]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_problem_that_only_grows_older_is_not_news() {
+        let at = |s: u32| vec![format!("the sender task has made no progress for {s}s")];
+        assert!(same_problems(&at(63), &at(58)));
+        assert!(!same_problems(&at(63), &[]));
+        assert!(!same_problems(
+            &at(63),
+            &["the sender task has ended".to_owned()]
+        ));
+    }
 
     #[test]
     fn interval_follows_the_watchdog() {
