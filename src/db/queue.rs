@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
 
+use crate::db::subscribers::Subscription;
 use crate::matcher::{Pattern, Subscriber};
 use crate::sign::Secret;
 
@@ -59,6 +60,20 @@ pub struct Claimed {
     /// (COMPLETE, [`release`]): a claim whose lease ran out, and perhaps
     /// went to another claim, changes nothing.
     pub lease: SystemTime,
+}
+
+impl Claimed {
+    /// Whether this delivery, claimed a while ago, would still go out as it
+    /// was claimed to the subscriber `now` (its row as it is now).
+    pub fn sends_as(&self, now: &Subscription) -> bool {
+        self.active == now.active
+            && self.ordered == now.ordered
+            && self.url == now.url
+            && self.secret.0 == now.hmac_secret.0
+            && self.digest == now.hmac_digest
+            && self.content_type == now.content_type
+            && self.signer == now.hmac_signer
+    }
 }
 
 /// What a claim may take per subscriber: `limit` for a subscriber this
@@ -527,60 +542,6 @@ impl Statements {
             .await?;
         rows.iter().map(|r| r.try_get(0)).collect()
     }
-}
-
-/// What a subscriber's row says a request to it is, now: compared with
-/// what a delivery claimed a while ago took from it.
-pub struct SendsAs {
-    active: bool,
-    ordered: bool,
-    url: String,
-    secret: String,
-    digest: String,
-    content_type: String,
-    signer: String,
-}
-
-impl SendsAs {
-    /// Whether `d`, claimed earlier, would still go out as it was claimed.
-    pub fn sends_as(&self, d: &Claimed) -> bool {
-        self.active == d.active
-            && self.ordered == d.ordered
-            && self.url == d.url
-            && self.secret == d.secret.0
-            && self.digest == d.digest
-            && self.content_type == d.content_type
-            && self.signer == d.signer
-    }
-}
-
-/// The rows of these subscribers, as deliveries to them are sent; a
-/// deleted one is missing.
-pub async fn subscriber_rows(
-    db: &impl GenericClient,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, SendsAs>, tokio_postgres::Error> {
-    let rows = db
-        .query(
-            "SELECT id, active, url, hmac_secret, hmac_digest, content_type, hmac_signer, ordered
-             FROM thorn.subscriber WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
-            let sends = SendsAs {
-                active: r.try_get(1)?,
-                url: r.try_get(2)?,
-                secret: r.try_get(3)?,
-                digest: r.try_get(4)?,
-                content_type: r.try_get(5)?,
-                signer: r.try_get(6)?,
-                ordered: r.try_get(7)?,
-            };
-            Ok((r.try_get(0)?, sends))
-        })
-        .collect()
 }
 
 /// The subscriber version, read before the subscribers it guards.

@@ -6,7 +6,7 @@
 //! the first of the same list). Every query takes an optional owner `scope`:
 //! `Some(owner)` sees only that owner's rows, `None` (an admin) sees all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use tokio_postgres::error::SqlState;
@@ -249,6 +249,18 @@ pub async fn get(
         .as_ref()
         .map(from_row)
         .transpose()
+}
+
+/// These subscribers' rows, by id; a deleted one is missing.
+pub async fn by_ids(
+    db: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Subscription>, tokio_postgres::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM thorn.subscriber WHERE id = ANY($1)");
+    let rows = db.query(&sql, &[&ids]).await?;
+    rows.iter()
+        .map(|r| from_row(r).map(|s| (s.id, s)))
+        .collect()
 }
 
 pub async fn list(

@@ -442,7 +442,7 @@ impl InFlight {
         if held.is_empty() {
             return Ok(());
         }
-        let rows = queue::subscriber_rows(client, &held).await?;
+        let rows = db::subscribers::by_ids(client, &held).await?;
         let now = Instant::now();
         let mut t = self.lock();
         let mut given_back = Vec::new();
@@ -453,7 +453,7 @@ impl InFlight {
             let row = rows.get(&id);
             let (stale, kept) = std::mem::take(&mut line.waiting)
                 .into_iter()
-                .partition(|d| !row.is_some_and(|r| r.sends_as(d)));
+                .partition(|d| !row.is_some_and(|r| d.sends_as(r)));
             line.waiting = kept;
             if line.sending == 0 && line.waiting.is_empty() {
                 t.per_subscriber.remove(&id);
