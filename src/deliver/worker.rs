@@ -23,7 +23,12 @@
 //! 32) would hold every slot. One that answered 429 or 503 with
 //! `Retry-After` is paused: nothing more is sent to it until then (capped
 //! by `delivery.max_retry_after`), instead of its other deliveries going
-//! on at full rate and each using up an attempt on the same answer.
+//! on at full rate and each using up an attempt on the same answer; one
+//! that answered 410 Gone, for a few seconds, until it is switched off.
+//!
+//! While deliveries wait in lines, their subscribers' rows are looked at
+//! every [`RECHECK`]: those of a subscriber switched off, deleted or
+//! changed since their claim are given back, not sent as they were.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -430,10 +435,11 @@ impl InFlight {
 
     /// Gives back the waiting deliveries whose subscriber's row changed
     /// since they were claimed: switched off, deleted, made ordered (one
-    /// at a time), sent elsewhere or signed otherwise. A line holds claims made up to a few seconds
-    /// before, which must not go out as they were (an operator's switch-off
-    /// stops deliveries); claimed again, they take the row as it is now.
-    /// Requests already on their way are not recalled.
+    /// at a time), sent elsewhere or signed otherwise. A line holds claims
+    /// made up to a few seconds before, which must not go out as they were
+    /// (an operator's switch-off stops deliveries); claimed again, they
+    /// take the row as it is now. Requests already on their way are not
+    /// recalled.
     async fn recheck_lines(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
         let held: Vec<Uuid> = (self.lock().per_subscriber.iter())
             .filter(|(_, line)| !line.waiting.is_empty())
