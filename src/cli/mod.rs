@@ -61,13 +61,11 @@ pub fn age(seconds: f64) -> String {
 /// A connection for a one-shot command.
 pub async fn connect(config: &crate::config::Config) -> anyhow::Result<tokio_postgres::Client> {
     use anyhow::Context;
-    let db = crate::db::connect(&config.database_url.0)
-        .await
-        .context("connecting to the database")?;
     // An operator's command during an incident (a table locked by a
     // migration, say) says so instead of waiting for ever.
-    db.batch_execute("SET lock_timeout = '10s'").await?;
-    Ok(db)
+    crate::db::connect_with(&config.database_url.0, "SET lock_timeout = '10s'")
+        .await
+        .context("connecting to the database")
 }
 
 /// Wakes sleeping daemons after an operator queued work.

@@ -384,6 +384,16 @@ print(json.dumps([sign(d, k, base64.b64decode(b)) for d, k, b in json.load(sys.s
     serde_json::from_slice(&out.stdout).expect("python JSON")
 }
 
+/// Checks both signatures of a delivery signed with sha256 and `secret`:
+/// Hook-HMAC against the independent Python signer, and Standard Webhooks.
+pub fn assert_signed(secret: &str, r: &Received) {
+    assert_eq!(
+        r.header("hook-hmac"),
+        python_sign(&[("sha256", secret, &r.body)])[0]
+    );
+    standard_verify(secret, r);
+}
+
 /// Verifies a delivery the Standard Webhooks way, with their own library.
 pub fn standard_verify(secret: &str, r: &Received) {
     use base64::Engine;
