@@ -573,40 +573,26 @@ impl Config {
     }
 }
 
-const NO_TLS: &str = "thorn does not support TLS to PostgreSQL; connect over a local \
-     socket or loopback, or through a TLS-terminating proxy (docs/operations.md)";
-
 /// Parses the connection string as the daemon will (`db::parse_url`), so
 /// that a bad one is a config error (exit 64) and not a failure of every
-/// connection attempt. The messages never quote the string (it may hold a
-/// password): tokio-postgres's parse errors name an option or a byte
-/// offset, not a value.
+/// connection attempt; its TLS files must be readable too. The messages
+/// never quote the string (it may hold a password): tokio-postgres's parse
+/// errors name an option or a byte offset, not a value.
 fn check_database_url(url: &str) -> Result<(), String> {
-    let parsed = crate::db::parse_url(url).map_err(|e| {
-        let message = match std::error::Error::source(&e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        };
-        // "verify-ca" and "verify-full" fail here: say why they cannot work.
-        if message.contains("`sslmode`") {
-            format!("{message}: use disable or prefer; {NO_TLS}")
-        } else {
-            message
-        }
+    let target = crate::db::parse_url(url).map_err(|e| match std::error::Error::source(&e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     })?;
-    // thorn connects with NoTls (src/db/mod.rs): a connection that demands
-    // TLS could never be made, and the daemon would retry it for ever.
-    // channel_binding=require needs TLS as well (it binds to the TLS
-    // session), so it would fail every authentication the same way.
+    target.tls.check()?;
+    // channel_binding=require binds authentication to the TLS session, so
+    // without TLS every authentication would fail, and be retried for ever.
     use tokio_postgres::config::{ChannelBinding, SslMode};
-    let needs_tls = if parsed.get_ssl_mode() == SslMode::Require {
-        "sslmode=require"
-    } else if parsed.get_channel_binding() == ChannelBinding::Require {
-        "channel_binding=require"
-    } else {
-        return Ok(());
-    };
-    Err(format!("{needs_tls}: {NO_TLS}"))
+    if target.config.get_channel_binding() == ChannelBinding::Require
+        && target.config.get_ssl_mode() == SslMode::Disable
+    {
+        return Err("channel_binding=require needs TLS, which sslmode=disable turns off".into());
+    }
+    Ok(())
 }
 
 /// A list of humantime durations ("5s", "2h").
@@ -858,27 +844,44 @@ mod tests {
     }
 
     #[test]
-    fn database_url_must_parse_and_not_need_tls() {
-        for url in [
-            "postgres://u:hunter2@[bad/db",
-            "postgres://u:hunter2@h:99999/db",
-            "postgres://u:hunter2@h/db?sslmode=verify-full",
-            "postgres://u:hunter2@h/db?sslmode=verify-ca",
-            "postgres://u:hunter2@h/db?sslmode=require",
-            "host=h user=u password=hunter2 sslmode=require",
-            "postgres://u:hunter2@h/db?channel_binding=require",
+    fn database_url_must_parse_and_its_tls_options_fit() {
+        for (url, says) in [
+            ("postgres://u:hunter2@[bad/db", "invalid"),
+            ("postgres://u:hunter2@h:99999/db", "port"),
+            (
+                "postgres://u:hunter2@h/db?sslmode=verify-full",
+                "needs sslrootcert",
+            ),
+            (
+                "host=h password=hunter2 sslmode=verify-ca",
+                "needs sslrootcert",
+            ),
+            ("postgres://u:hunter2@h/db?sslmode=strict", "not one of"),
+            (
+                "postgres://u:hunter2@h/db?sslmode=verify-ca&sslrootcert=/no/such.pem",
+                "/no/such.pem",
+            ),
+            ("postgres://u:hunter2@h/db?sslcert=/c.pem", "needs sslkey"),
+            (
+                "postgres://u:hunter2@h/db?sslrootcert=system&sslmode=require",
+                "verify-full",
+            ),
+            (
+                "postgres://u:hunter2@h/db?channel_binding=require&sslmode=disable",
+                "needs TLS",
+            ),
         ] {
             let message = problem(&[("THORN_DATABASE_URL", url)]);
             assert!(message.starts_with("database_url: "), "{url}: {message}");
+            assert!(message.contains(says), "{url}: {message}");
             assert!(!message.contains("hunter2"), "{url}: {message}");
         }
-        let message = problem(&[("THORN_DATABASE_URL", "postgres://h/db?sslmode=require")]);
-        assert!(message.contains("does not support TLS"), "{message}");
-        let message = problem(&[("THORN_DATABASE_URL", "postgres://h/db?sslmode=verify-ca")]);
-        assert!(message.contains("does not support TLS"), "{message}");
         for url in [
             "postgres://u:pw@db.internal:5433/app?sslmode=disable",
             "postgres://u:pw@db.internal/app?sslmode=prefer",
+            "postgres://u:pw@db.internal/app?sslmode=require&channel_binding=require",
+            "postgres://u:pw@db.internal/app?sslrootcert=system",
+            "host=db.internal sslmode='verify-full' sslrootcert=system",
             "postgresql://thorn@%2Frun%2Fpostgresql/app",
             "host=/run/postgresql dbname=app",
         ] {

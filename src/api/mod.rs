@@ -22,7 +22,6 @@ use deadpool_postgres::{
 };
 use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -54,7 +53,7 @@ const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// warnings logged at their level), with the API's timeouts set by
 /// statements, which a connection pooler passes on (startup options it may
 /// refuse).
-struct Session;
+struct Session(crate::db::tls::Tls);
 
 impl Connect for Session {
     fn connect(
@@ -64,9 +63,9 @@ impl Connect for Session {
         '_,
         Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
     > {
-        let config = config.clone();
+        let (config, tls) = (config.clone(), self.0.clone());
         Box::pin(async move {
-            let (client, connection) = config.connect(NoTls).await?;
+            let (client, connection) = config.connect(tls).await?;
             let driver = crate::db::drive(connection, None);
             client
                 .batch_execute(&format!(
@@ -90,9 +89,10 @@ pub struct Api {
 
 impl Api {
     pub fn from_config(config: &Config) -> anyhow::Result<Api> {
+        let target = crate::db::parse_url(&config.database_url.0)?;
         let manager = Manager::from_connect(
-            crate::db::parse_url(&config.database_url.0)?,
-            Session,
+            target.config,
+            Session(target.tls),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -7,19 +7,35 @@ pub mod listen;
 pub mod migrate;
 pub mod queue;
 pub mod subscribers;
+pub mod tls;
 
 use std::time::Duration;
 
 use rand::Rng;
-use tokio_postgres::{Client, Connection, NoTls, Socket};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, Socket};
 use tokio_util::sync::CancellationToken;
 
-pub type RawConnection = Connection<Socket, tokio_postgres::tls::NoTlsStream>;
+pub type RawConnection = Connection<Socket, <tls::Tls as MakeTlsConnect<Socket>>::Stream>;
 
-/// Parses a connection string (URL or key=value) and fills what it left
-/// unset: application_name `thorn`, a connect timeout, and keepalives.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
+/// Where and how to connect: a parsed connection string.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: tls::Tls,
+}
+
+/// Parses a connection string (URL or key=value), with libpq's TLS options
+/// ([`tls`]), and fills what it left unset: application_name `thorn`, a
+/// connect timeout, and keepalives.
+pub fn parse_url(url: &str) -> Result<Target, tokio_postgres::Error> {
+    let (rest, ssl_mode, tls) = tls::split(url);
+    let mut config: tokio_postgres::Config = rest.parse()?;
+    config.ssl_mode(ssl_mode);
+    // With only `hostaddr` there is no host name for the handshake, and
+    // tokio-postgres then fails where `prefer` means going on without TLS.
+    if ssl_mode == tokio_postgres::config::SslMode::Prefer && config.get_hosts().is_empty() {
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
     if config.get_application_name().is_none() {
         config.application_name("thorn");
     }
@@ -41,13 +57,14 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Er
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(Duration::from_secs(60));
     }
-    Ok(config)
+    Ok(Target { config, tls })
 }
 
 /// Opens a connection whose messages the caller drives (the listener needs
 /// its notifications).
 pub async fn connect_raw(url: &str) -> Result<(Client, RawConnection), tokio_postgres::Error> {
-    parse_url(url)?.connect(NoTls).await
+    let target = parse_url(url)?;
+    target.config.connect(target.tls).await
 }
 
 /// Opens a connection driven by a background task.

@@ -142,10 +142,11 @@ impl Monitor {
                     timeout = ?QUERY_TIMEOUT,
                     "the database did not answer the monitor in time: locked or overloaded"
                 );
-                if let Some(c) = client.take() {
+                let tls = db::parse_url(&self.url).map(|target| target.tls);
+                if let (Some(c), Ok(tls)) = (client.take(), tls) {
                     let cancel = c.cancel_token();
                     tokio::spawn(async move {
-                        let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                        let _ = cancel.cancel_query(tls).await;
                     });
                 }
                 return None;

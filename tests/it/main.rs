@@ -6,6 +6,7 @@ mod capture;
 mod cli;
 mod config_subscribers;
 mod consumers;
+mod database_tls;
 mod delivery;
 mod hostile;
 mod ops;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use crate::support::{
-    article_table, read_request, subscribe, wait_ended, write_article, Daemon, RawServer, Receiver,
-    TestDb, QUIET, WAIT,
+    article_table, pki, read_request, subscribe, wait_ended, write_article, Daemon, Pki, RawServer,
+    Receiver, TestDb, QUIET, WAIT,
 };
 
 #[tokio::test]
@@ -48,36 +48,6 @@ async fn redirects_are_never_followed() {
         target.next(QUIET).await.is_none(),
         "the redirect was followed"
     );
-}
-
-/// A certificate authority and a leaf certificate for `names`, signed by it.
-struct Pki {
-    ca_pem: String,
-    leaf_der: Vec<u8>,
-    leaf_key_der: Vec<u8>,
-}
-
-fn pki(names: &[&str]) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "thorn test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().expect("key");
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let leaf_params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("params");
-    let leaf_key = KeyPair::generate().expect("key");
-    let leaf = leaf_params
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .expect("leaf");
-    Pki {
-        ca_pem: ca.pem(),
-        leaf_der: leaf.der().to_vec(),
-        leaf_key_der: leaf_key.serialize_der(),
-    }
 }
 
 /// An HTTPS server on 127.0.0.1:0 with the given leaf certificate; answers

@@ -703,6 +703,13 @@ async fn sigterm_while_the_database_blocks_the_tasks_still_stops() {
     daemon
         .wait_for_log("thorn is running", Duration::from_secs(20))
         .await;
+    // Not before the sender has prepared its statements and looked for
+    // work: a lock taken during its start blocks a prepare, not a look (the
+    // TLS handshakes make the start long enough for that to happen).
+    let sender_looked = "SELECT count(*) > 0 FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND query LIKE '%min(next_attempt_at) - now()%'";
+    eventually(&db, sender_looked).await;
     let lock = locker.transaction().await.expect("begin");
     lock.batch_execute("LOCK TABLE thorn.delivery IN ACCESS EXCLUSIVE MODE")
         .await

@@ -993,3 +993,49 @@ pub fn config_subscriber(event: &str, url: String) -> thorn::config::ConfigSubsc
         ordered: None,
     }
 }
+
+/// A certificate authority and a leaf certificate for `names`, signed by it.
+pub struct Pki {
+    pub ca_pem: String,
+    pub leaf_der: Vec<u8>,
+    pub leaf_key_der: Vec<u8>,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+pub fn pki(names: &[&str]) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "thorn test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().expect("key");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let mut pki = Pki {
+        ca_pem: ca.pem(),
+        leaf_der: Vec::new(),
+        leaf_key_der: Vec::new(),
+        ca,
+        ca_key,
+    };
+    let (leaf, leaf_key) = pki.issue(names);
+    pki.leaf_der = leaf.der().to_vec();
+    pki.leaf_key_der = leaf_key.serialize_der();
+    pki
+}
+
+impl Pki {
+    /// Another certificate signed by this authority: for `names` (host
+    /// names or IP addresses), with its key.
+    pub fn issue(&self, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("certificate");
+        (cert, key)
+    }
+}
