@@ -31,9 +31,18 @@ pub fn parse_url(url: &str) -> Result<Target, tokio_postgres::Error> {
     let (rest, ssl_mode, tls) = tls::split(url);
     let mut config: tokio_postgres::Config = rest.parse()?;
     config.ssl_mode(ssl_mode);
-    // With only `hostaddr` there is no host name for the handshake, and
-    // tokio-postgres then fails where `prefer` means going on without TLS.
-    if ssl_mode == tokio_postgres::config::SslMode::Prefer && config.get_hosts().is_empty() {
+    // With only `hostaddr`, its addresses are the names the handshake
+    // checks: tokio-postgres refuses TLS without a host name.
+    if config.get_hosts().is_empty() {
+        for addr in config.get_hostaddrs().to_vec() {
+            config.host(addr.to_string());
+        }
+    }
+    // As libpq: no TLS is asked for over unix sockets, whatever the mode
+    // (the server would refuse it, failing `require`).
+    let unix =
+        |h: &tokio_postgres::config::Host| !matches!(h, tokio_postgres::config::Host::Tcp(_));
+    if !config.get_hosts().is_empty() && config.get_hosts().iter().all(unix) {
         config.ssl_mode(tokio_postgres::config::SslMode::Disable);
     }
     if config.get_application_name().is_none() {
@@ -248,6 +257,32 @@ pub async fn connect_retrying(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_is_asked_for_only_where_libpq_asks_for_it() {
+        use tokio_postgres::config::{Host, SslMode};
+        let mode = |url: &str| parse_url(url).expect("parses").config.get_ssl_mode();
+        assert_eq!(mode("postgres://h/db"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://h/db?sslmode=verify-ca&sslrootcert=/ca"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=/run/postgresql sslmode=require"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgresql://%2Frun%2Fpostgresql/db"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("host=/run/postgresql,db.example sslmode=require"),
+            SslMode::Require
+        );
+        let target = parse_url("hostaddr=10.0.0.5 sslmode=require").expect("parses");
+        assert_eq!(target.config.get_hosts(), [Host::Tcp("10.0.0.5".into())]);
+        assert_eq!(target.config.get_ssl_mode(), SslMode::Require);
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {

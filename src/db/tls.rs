@@ -315,6 +315,14 @@ impl MakeTlsConnect<Socket> for Tls {
     fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, BoxError> {
         let config = self.client_config()?;
         let mut make = MakeRustlsConnect::new(config);
+        // tokio-postgres asks for a connector even where it will not use
+        // one: a unix socket, or `hostaddr` alone, has no name (and a
+        // handshake without one it refuses itself). rustls would refuse
+        // the empty name before any of that, failing the connection.
+        let domain = match domain {
+            "" => "localhost",
+            name => name,
+        };
         Ok(MakeTlsConnect::<Socket>::make_tls_connect(
             &mut make, domain,
         )?)

@@ -362,6 +362,27 @@ async fn the_servers_own_tls_is_used_when_offered() {
     assert!(!disabled);
     let preferred = over_tls(t.url.clone()).await.expect("prefer");
     let required = over_tls(with("sslmode=require")).await;
+    // Over the server's unix socket, when it is on this machine: no TLS is
+    // asked for there, so even require connects (as libpq).
+    let sockets: String = db
+        .query_one("SHOW unix_socket_directories", &[])
+        .await
+        .expect("socket directories")
+        .get(0);
+    let socket = sockets.split(',').map(str::trim).find(|d| {
+        let port = url::Url::parse(&t.url)
+            .ok()
+            .and_then(|u| u.port())
+            .unwrap_or(5432);
+        std::path::Path::new(d)
+            .join(format!(".s.PGSQL.{port}"))
+            .exists()
+    });
+    if let Some(dir) = socket {
+        let url = t.url.replacen("127.0.0.1", &dir.replace('/', "%2F"), 1);
+        let tls = over_tls(format!("{url}{joint}sslmode=require")).await;
+        assert!(!tls.expect("require over the unix socket"));
+    }
     if offered == "on" {
         assert!(preferred, "prefer did not use the server's TLS");
         assert!(required.expect("require"), "require without TLS");
