@@ -584,15 +584,22 @@ fn check_database_url(url: &str) -> Result<(), String> {
         None => e.to_string(),
     })?;
     target.tls.check()?;
-    // channel_binding=require binds authentication to the TLS session, so
-    // without TLS every authentication would fail, and be retried for ever.
-    use tokio_postgres::config::{ChannelBinding, SslMode};
-    if target.config.get_channel_binding() == ChannelBinding::Require
-        && target.config.get_ssl_mode() == SslMode::Disable
-    {
-        return Err("channel_binding=require needs TLS, which sslmode=disable turns off".into());
+    // Options that would fail every connection, to be retried for ever:
+    // channel_binding=require binds authentication to the TLS session, and
+    // direct TLS has no plain session to fall back to.
+    use tokio_postgres::config::{ChannelBinding, SslMode, SslNegotiation};
+    let config = &target.config;
+    match config.get_ssl_mode() {
+        SslMode::Disable if config.get_channel_binding() == ChannelBinding::Require => Err(
+            "channel_binding=require needs TLS, which is not used with sslmode=disable \
+             nor over a unix socket"
+                .into(),
+        ),
+        SslMode::Prefer if config.get_ssl_negotiation() == SslNegotiation::Direct => {
+            Err("sslnegotiation=direct needs sslmode=require or stricter".into())
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// A list of humantime durations ("5s", "2h").
@@ -870,6 +877,23 @@ mod tests {
                 "postgres://u:hunter2@h/db?channel_binding=require&sslmode=disable",
                 "needs TLS",
             ),
+            (
+                "host=/run/postgresql channel_binding=require",
+                "unix socket",
+            ),
+            (
+                "postgres://u:hunter2@h/db?sslnegotiation=direct",
+                "sslnegotiation=direct",
+            ),
+            (
+                "postgres://u:hun?ter2@h/db?sslmode=verify-ca",
+                "needs sslrootcert",
+            ),
+            (
+                "host=h sslmode=verify-full password=hunter2\\",
+                "needs sslrootcert",
+            ),
+            ("postgres://u:hunter2@h/db?sslmode", "not one of"),
         ] {
             let message = problem(&[("THORN_DATABASE_URL", url)]);
             assert!(message.starts_with("database_url: "), "{url}: {message}");
@@ -881,6 +905,9 @@ mod tests {
             "postgres://u:pw@db.internal/app?sslmode=prefer",
             "postgres://u:pw@db.internal/app?sslmode=require&channel_binding=require",
             "postgres://u:pw@db.internal/app?sslrootcert=system",
+            "postgres://u:pw@db.internal/app?sslmode=disable&sslcert=/no/such.pem",
+            "postgres://u:pw@db.internal/app?sslrootcert=&sslmode=require",
+            "host=/run/postgresql sslmode=verify-full sslrootcert=/no/such.pem",
             "host=db.internal sslmode='verify-full' sslrootcert=system",
             "postgresql://thorn@%2Frun%2Fpostgresql/app",
             "host=/run/postgresql dbname=app",

@@ -28,8 +28,14 @@ pub struct Target {
 /// ([`tls`]), and fills what it left unset: application_name `thorn`, a
 /// connect timeout, and keepalives.
 pub fn parse_url(url: &str) -> Result<Target, tokio_postgres::Error> {
-    let (rest, ssl_mode, tls) = tls::split(url);
+    let (rest, ssl_mode, mut tls) = tls::split(url);
     let mut config: tokio_postgres::Config = rest.parse()?;
+    use tokio_postgres::config::{Host, SslMode};
+    // `rest` holds no sslmode, so tokio-postgres read its default; another
+    // mode means it found one where the split did not look.
+    if config.get_ssl_mode() != SslMode::Prefer {
+        tls = tls::Tls::refusing("sslmode is written where thorn cannot read it");
+    }
     config.ssl_mode(ssl_mode);
     // With only `hostaddr`, its addresses are the names the handshake
     // checks: tokio-postgres refuses TLS without a host name.
@@ -39,11 +45,14 @@ pub fn parse_url(url: &str) -> Result<Target, tokio_postgres::Error> {
         }
     }
     // As libpq: no TLS is asked for over unix sockets, whatever the mode
-    // (the server would refuse it, failing `require`).
-    let unix =
-        |h: &tokio_postgres::config::Host| !matches!(h, tokio_postgres::config::Host::Tcp(_));
-    if !config.get_hosts().is_empty() && config.get_hosts().iter().all(unix) {
-        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    // (the server would refuse it, failing `require`). A `hostaddr` is
+    // reached over TCP, whatever `host` says. tokio-postgres has one mode
+    // for all hosts, so a list that mixes sockets with TCP hosts keeps it.
+    let unix = |h: &Host| !matches!(h, Host::Tcp(_));
+    let hosts = config.get_hosts();
+    if !hosts.is_empty() && hosts.iter().all(unix) && config.get_hostaddrs().is_empty() {
+        config.ssl_mode(SslMode::Disable);
+        tls = tls::Tls::plain();
     }
     if config.get_application_name().is_none() {
         config.application_name("thorn");
@@ -262,6 +271,11 @@ mod tests {
     fn tls_is_asked_for_only_where_libpq_asks_for_it() {
         use tokio_postgres::config::{Host, SslMode};
         let mode = |url: &str| parse_url(url).expect("parses").config.get_ssl_mode();
+        // A socket path as host, but TCP to hostaddr: TLS as asked.
+        assert_eq!(
+            mode("host=/run/postgresql hostaddr=10.0.0.5 sslmode=require"),
+            SslMode::Require
+        );
         assert_eq!(mode("postgres://h/db"), SslMode::Prefer);
         assert_eq!(
             mode("postgres://h/db?sslmode=verify-ca&sslrootcert=/ca"),

@@ -60,6 +60,15 @@ struct Settings {
     client: Option<(PathBuf, PathBuf)>,
 }
 
+impl Settings {
+    /// Where no TLS is used: nothing to read or check.
+    const PLAIN: Settings = Settings {
+        check: Check::Nothing,
+        roots: None,
+        client: None,
+    };
+}
+
 /// The options this module reads, as written.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Written {
@@ -84,7 +93,10 @@ impl Written {
 
     /// The mode tokio-postgres negotiates with, and what thorn checks.
     fn settle(self) -> (SslMode, Result<Settings, String>) {
-        let roots = self.sslrootcert.map(|r| match r.as_str() {
+        // As libpq: an empty value is no value (but a mode must be named).
+        let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+        let (sslcert, sslkey) = (given(self.sslcert), given(self.sslkey));
+        let roots = given(self.sslrootcert).map(|r| match r.as_str() {
             "system" => Roots::System,
             _ => Roots::File(PathBuf::from(r)),
         });
@@ -96,7 +108,8 @@ impl Written {
         };
         let mode = self.sslmode.unwrap_or_else(|| default.to_string());
         let (negotiate, check) = match mode.as_str() {
-            "disable" => (SslMode::Disable, Check::Nothing),
+            // No TLS: the files are not read, as libpq does not read them.
+            "disable" => return (SslMode::Disable, Ok(Settings::PLAIN)),
             // libpq's allow tries without TLS first; tokio-postgres can
             // only try with it first. Either way both are accepted.
             "allow" | "prefer" => (SslMode::Prefer, Check::Nothing),
@@ -106,7 +119,7 @@ impl Written {
             "verify-full" => (SslMode::Require, Check::Full),
             _ => {
                 let problem = format!(
-                    "sslmode={mode} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                    "sslmode={mode:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
                 );
                 return (SslMode::Require, Err(problem));
             }
@@ -124,7 +137,7 @@ impl Written {
         } else {
             None
         };
-        let client = match (self.sslcert, self.sslkey) {
+        let client = match (sslcert, sslkey) {
             (Some(cert), Some(key)) => Ok(Some((PathBuf::from(cert), PathBuf::from(key)))),
             (None, None) => Ok(None),
             (Some(_), None) => Err("sslcert needs sslkey (the client certificate's key)"),
@@ -145,20 +158,30 @@ impl Written {
 
 /// Splits a connection string into what tokio-postgres reads and thorn's
 /// TLS options. A string this cannot take apart is passed on whole, for
-/// tokio-postgres to say what is wrong with it.
+/// tokio-postgres to say what is wrong with it, and its connections fail
+/// (no option is ever taken to be its default by mistake).
 pub fn split(url: &str) -> (String, SslMode, Tls) {
-    let (rest, written) =
-        take_options(url).unwrap_or_else(|| (url.to_string(), Written::default()));
+    let Some((rest, written)) = take_options(url) else {
+        let problem = "the connection string's options cannot be read (a quote left open?)";
+        return (url.to_string(), SslMode::Require, Tls::refusing(problem));
+    };
     let (mode, settings) = written.settle();
     (rest, mode, Tls(Arc::new(settings)))
 }
 
 fn take_options(url: &str) -> Option<(String, Written)> {
     let mut written = Written::default();
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
+    let after_scheme = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"));
+    if let Some(after_scheme) = after_scheme {
+        // The query starts where tokio-postgres looks for it: after the
+        // user info, which ends at the first '@' (a password may hold '?').
+        let start = url.len() - after_scheme.len() + after_scheme.find('@').map_or(0, |at| at + 1);
+        let Some(mark) = url[start..].find('?').map(|q| start + q) else {
             return Some((url.to_string(), written));
         };
+        let (base, query) = (&url[..mark], &url[mark + 1..]);
         let mut kept = Vec::new();
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -220,7 +243,8 @@ fn key_values(s: &str) -> Option<Vec<(String, String, &str)>> {
                 None => break s.len(),
                 Some((i, '\'')) if quoted => break i + 1,
                 Some((i, c)) if c.is_whitespace() && !quoted => break i,
-                Some((_, '\\')) => value.push(chars.next()?.1),
+                // A backslash at the very end escapes nothing, and is dropped.
+                Some((_, '\\')) => value.extend(chars.next().map(|(_, c)| c)),
                 Some((_, c)) => value.push(c),
             }
         };
@@ -229,6 +253,17 @@ fn key_values(s: &str) -> Option<Vec<(String, String, &str)>> {
 }
 
 impl Tls {
+    /// For a target reached without TLS whatever the options say (a unix
+    /// socket): its files are not read.
+    pub fn plain() -> Tls {
+        Tls(Arc::new(Ok(Settings::PLAIN)))
+    }
+
+    /// Fails every connection, and the config check, with `problem`.
+    pub fn refusing(problem: &str) -> Tls {
+        Tls(Arc::new(Err(problem.to_string())))
+    }
+
     /// Whether a connection could be made as the options say: they fit
     /// together, and the files can be read. Start-up and `thorn check`
     /// call it, so that a mistake is a config error, not a retry loop.
@@ -242,26 +277,35 @@ impl Tls {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
-        let verifier: Arc<dyn ServerCertVerifier> = match &settings.roots {
-            Some(roots) if settings.check != Check::Nothing => {
-                let names = WebPkiServerVerifier::builder_with_provider(
+        let verifier: Arc<dyn ServerCertVerifier> = match (settings.check, &settings.roots) {
+            (Check::Nothing, _) => Arc::new(Lenient {
+                chain: None,
+                provider,
+            }),
+            // `settle` refuses these options; never take any certificate
+            // for a check that was asked for.
+            (_, None) => return Err("a certificate check needs sslrootcert".into()),
+            (check, Some(roots)) => {
+                let webpki = WebPkiServerVerifier::builder_with_provider(
                     Arc::new(root_store(roots)?),
                     provider.clone(),
                 )
                 .build()
                 .map_err(|e| e.to_string())?;
-                match settings.check {
-                    Check::Full => names,
-                    _ => Arc::new(ChainOnly(names)),
+                match check {
+                    Check::Full => webpki,
+                    _ => Arc::new(Lenient {
+                        chain: Some(webpki),
+                        provider,
+                    }),
                 }
             }
-            _ => Arc::new(Unchecked(provider)),
         };
         let builder = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        match &settings.client {
-            None => Ok(builder.with_no_client_auth()),
+        let mut config = match &settings.client {
+            None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain = read_certificates(cert, "sslcert")?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
@@ -269,9 +313,13 @@ impl Tls {
                 })?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("sslcert and sslkey do not fit together: {e}"))
+                    .map_err(|e| format!("sslcert and sslkey do not fit together: {e}"))?
             }
-        }
+        };
+        // PostgreSQL 17 wants it for `sslnegotiation=direct`; earlier
+        // servers ignore it.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(config)
     }
 }
 
@@ -329,55 +377,18 @@ impl MakeTlsConnect<Socket> for Tls {
     }
 }
 
-/// `prefer` and `require` without a root: any certificate, as libpq. The
-/// handshake's signatures are still checked, or the session would not be
-/// bound to the certificate at all.
+/// What webpki does not check: for `prefer` and `require` without a root,
+/// the certificate (any is taken, as libpq does); for `verify-ca`, the
+/// name, which webpki checks last (after the chain, its dates and
+/// revocation). The handshake's signatures are always checked, or the
+/// session would not be bound to the certificate at all.
 #[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
 }
 
-/// `verify-ca`: webpki's checks, less the host name's, which it makes last
-/// (after the chain, its dates and revocation).
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -387,10 +398,10 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use rustls::Error::InvalidCertificate;
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -404,7 +415,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -413,11 +425,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -443,6 +458,10 @@ mod tests {
         assert_eq!(written.sslrootcert.as_deref(), Some("/etc/ca certs.pem"));
         let (rest, _) = taken("postgresql://h/db?sslmode=disable");
         assert_eq!(rest, "postgresql://h/db");
+        // A '?' in the password is not the query's start.
+        let (rest, written) = taken("postgres://u:p?w@h/db?sslmode=require");
+        assert_eq!(rest, "postgres://u:p?w@h/db");
+        assert_eq!(written.sslmode.as_deref(), Some("require"));
         let (rest, written) = taken("postgres://h/db");
         assert_eq!(
             (rest.as_str(), written),
@@ -460,6 +479,10 @@ mod tests {
         assert_eq!(written.sslcert.as_deref(), Some("/a b/c'd.pem"));
         assert_eq!(written.sslkey.as_deref(), Some("/k ey"));
         assert!(take_options("host=db password='open").is_none());
+        // A backslash at the end is dropped, as tokio-postgres does.
+        let (rest, written) = taken("sslmode=require password=x\\");
+        assert_eq!(rest, "password=x\\");
+        assert_eq!(written.sslmode.as_deref(), Some("require"));
         assert!(take_options("host").is_none());
     }
 
