@@ -39,6 +39,11 @@ impl Front {
     /// A front that speaks TLS with `pki`'s leaf certificate, and demands a
     /// client certificate signed by `clients` when given.
     async fn tls(pki: &Pki, clients: Option<&Pki>) -> Front {
+        Front::tls_with(&pki.leaf_der, &pki.leaf_key_der, clients).await
+    }
+
+    /// A front that speaks TLS with the given certificate and key (DER).
+    async fn tls_with(leaf: &[u8], key: &[u8], clients: Option<&Pki>) -> Front {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -61,8 +66,8 @@ impl Front {
         };
         let config = builder
             .with_single_cert(
-                vec![CertificateDer::from(pki.leaf_der.clone())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.leaf_key_der.clone())),
+                vec![CertificateDer::from(leaf.to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
             )
             .expect("server config");
         Front::start(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
@@ -264,6 +269,24 @@ async fn the_daemon_reaches_its_database_over_verified_tls() {
     )
     .await;
     assert_eq!(code, 0, "{out}{err}");
+
+    // verify-ca lets only the name go: an expired certificate of the right
+    // authority is refused, by it as by verify-full.
+    let (expired, key) = authority.issue_with(&["db.thorn.test"], |params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let stale = Front::tls_with(expired.der(), &key.serialize_der(), None).await;
+    for mode in ["verify-ca", "verify-full"] {
+        let url = stale.url(
+            &t,
+            "db.thorn.test",
+            &format!("sslmode={mode}&sslrootcert={ca}"),
+        );
+        let (code, _, err) = thorn_cli(&url, &["status"]).await;
+        assert_eq!(code, 1, "{mode}: {err}");
+        assert!(err.contains("certificate expired"), "{mode}: {err}");
+    }
 }
 
 #[tokio::test]

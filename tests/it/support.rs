@@ -1029,9 +1029,19 @@ impl Pki {
     /// Another certificate signed by this authority: for `names` (host
     /// names or IP addresses), with its key.
     pub fn issue(&self, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
-        let params =
+        self.issue_with(names, |_| {})
+    }
+
+    /// [`Pki::issue`], with its parameters changed by `edit` first.
+    pub fn issue_with(
+        &self,
+        names: &[&str],
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let mut params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .expect("params");
+        edit(&mut params);
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
