@@ -195,6 +195,20 @@ impl Drop for Files {
 
 use rustls::pki_types::pem::PemObject;
 
+/// Runs `thorn status` on `url`; asserts that it connected.
+async fn connects(url: &str) {
+    let (code, out, err) = thorn_cli(url, &["status"]).await;
+    assert_eq!(code, 0, "{url}: {out}{err}");
+}
+
+/// Runs `thorn status` on `url`; asserts that it could not connect, and
+/// returns what it said.
+async fn refused(url: &str) -> String {
+    let (code, _, err) = thorn_cli(url, &["status"]).await;
+    assert_eq!(code, 1, "{url}: {err}");
+    err
+}
+
 #[tokio::test]
 async fn the_daemon_reaches_its_database_over_verified_tls() {
     let t = TestDb::new().await;
@@ -219,8 +233,7 @@ async fn the_daemon_reaches_its_database_over_verified_tls() {
     let got = receiver.next(WAIT).await.expect("a delivery");
     assert_signed("s3cret", &got);
     assert_eq!(got.json()["event"], "article.created");
-    let (code, out, err) = thorn_cli(&verified, &["status"]).await;
-    assert_eq!(code, 0, "{out}{err}");
+    connects(&verified).await;
     daemon.stop().await;
     let seen = front.seen();
     // The listener, dispatcher, sender, completer, monitor, the command.
@@ -236,19 +249,9 @@ async fn the_daemon_reaches_its_database_over_verified_tls() {
     // Another name than the certificate's: verify-full refuses it,
     // verify-ca (the chain only) takes it.
     let elsewhere = |options: &str| front.url(&t, "elsewhere.thorn.test", options);
-    let (code, _, err) = thorn_cli(
-        &elsewhere(&format!("sslmode=verify-full&sslrootcert={ca}")),
-        &["status"],
-    )
-    .await;
-    assert_eq!(code, 1, "{err}");
+    let err = refused(&elsewhere(&format!("sslmode=verify-full&sslrootcert={ca}"))).await;
     assert!(err.contains("not valid for name"), "{err}");
-    let (code, out, err) = thorn_cli(
-        &elsewhere(&format!("sslmode=verify-ca&sslrootcert={ca}")),
-        &["status"],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
+    connects(&elsewhere(&format!("sslmode=verify-ca&sslrootcert={ca}"))).await;
 
     // Another authority of the same name: neither takes its signature,
     // nor require given that root; require without a root does.
@@ -259,16 +262,10 @@ async fn the_daemon_reaches_its_database_over_verified_tls() {
             "db.thorn.test",
             &format!("sslmode={mode}&sslrootcert={stranger}"),
         );
-        let (code, _, err) = thorn_cli(&url, &["status"]).await;
-        assert_eq!(code, 1, "{mode}: {err}");
+        let err = refused(&url).await;
         assert!(err.contains("invalid peer certificate"), "{mode}: {err}");
     }
-    let (code, out, err) = thorn_cli(
-        &front.url(&t, "db.thorn.test", "sslmode=require"),
-        &["status"],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
+    connects(&front.url(&t, "db.thorn.test", "sslmode=require")).await;
 
     // verify-ca lets only the name go: an expired certificate of the right
     // authority is refused, by it as by verify-full.
@@ -283,8 +280,7 @@ async fn the_daemon_reaches_its_database_over_verified_tls() {
             "db.thorn.test",
             &format!("sslmode={mode}&sslrootcert={ca}"),
         );
-        let (code, _, err) = thorn_cli(&url, &["status"]).await;
-        assert_eq!(code, 1, "{mode}: {err}");
+        let err = refused(&url).await;
         assert!(err.contains("certificate expired"), "{mode}: {err}");
     }
 }
@@ -302,15 +298,13 @@ async fn a_client_certificate_is_presented_when_configured() {
     let verified = format!("sslmode=verify-full&sslrootcert={ca}");
 
     let without = front.url(&t, "db.thorn.test", &verified);
-    let (code, _, err) = thorn_cli(&without, &["status"]).await;
-    assert_eq!(code, 1, "{err}");
+    refused(&without).await;
     let with = front.url(
         &t,
         "db.thorn.test",
         &format!("{verified}&sslcert={cert}&sslkey={key}"),
     );
-    let (code, out, err) = thorn_cli(&with, &["status"]).await;
-    assert_eq!(code, 0, "{out}{err}");
+    connects(&with).await;
     assert!(
         front.seen().contains(&Seen::Tls {
             client_certificate: true
@@ -337,24 +331,16 @@ async fn a_client_certificate_is_presented_when_configured() {
 async fn require_needs_a_server_that_speaks_tls_and_prefer_goes_on_without() {
     let t = TestDb::new().await;
     let front = Front::plain().await;
-    let (code, _, err) = thorn_cli(
-        &front.url(&t, "db.thorn.test", "sslmode=require"),
-        &["status"],
-    )
-    .await;
-    assert_eq!(code, 1, "{err}");
+    let err = refused(&front.url(&t, "db.thorn.test", "sslmode=require")).await;
     assert!(err.contains("server does not support TLS"), "{err}");
     for options in ["sslmode=prefer", "application_name=thorn-test"] {
-        let (code, out, err) =
-            thorn_cli(&front.url(&t, "db.thorn.test", options), &["status"]).await;
-        assert_eq!(code, 0, "{options}: {out}{err}");
+        connects(&front.url(&t, "db.thorn.test", options)).await;
     }
     // disable never asks, even a front that would say yes.
     let authority = pki(&["db.thorn.test"]);
     let tls_front = Front::tls(&authority, None).await;
     let url = tls_front.url(&t, "db.thorn.test", "sslmode=disable");
-    let (code, out, err) = thorn_cli(&url, &["status"]).await;
-    assert_eq!(code, 0, "{out}{err}");
+    connects(&url).await;
     assert_eq!(tls_front.seen(), vec![Seen::Plain]);
 }
 
