@@ -9,7 +9,7 @@
 //! The files are read at every connection, not once: a certificate
 //! renewed on disk is used from the next reconnect on, without a restart.
 //! A problem with them fails each connection with a TLS error naming it;
-//! `thorn check` and start-up report it first ([`Tls::check`]).
+//! `thorn check-config` and start-up report it first ([`Tls::check`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -265,8 +265,9 @@ impl Tls {
     }
 
     /// Whether a connection could be made as the options say: they fit
-    /// together, and the files can be read. Start-up and `thorn check`
-    /// call it, so that a mistake is a config error, not a retry loop.
+    /// together, and the files can be read. Start-up and `thorn
+    /// check-config` call it (through the config's check), so that a
+    /// mistake is a config error, not a retry loop.
     pub fn check(&self) -> Result<(), String> {
         self.client_config().map(|_| ())
     }
