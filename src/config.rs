@@ -621,18 +621,14 @@ fn parse_network(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{s:?} is not a CIDR such as 10.0.0.0/8 or ::1/128"))
 }
 
-/// The certificates in a PEM file; at least one.
+/// The certificates in a PEM file (at least one), for reqwest.
 fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
-    }
-    Ok(certs)
+    let certs = crate::db::tls::read_certificates(path)?;
+    (certs.iter())
+        .map(|der| {
+            reqwest::Certificate::from_der(der).map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -25,35 +25,10 @@ pub struct Target {
 }
 
 /// Parses a connection string (URL or key=value), with libpq's TLS options
-/// ([`tls`]), and fills what it left unset: application_name `thorn`, a
-/// connect timeout, and keepalives.
+/// ([`tls::parse`]), and fills what it left unset: application_name
+/// `thorn`, a connect timeout, and keepalives.
 pub fn parse_url(url: &str) -> Result<Target, tokio_postgres::Error> {
-    let (rest, ssl_mode, mut tls) = tls::split(url);
-    let mut config: tokio_postgres::Config = rest.parse()?;
-    use tokio_postgres::config::{Host, SslMode};
-    // `rest` holds no sslmode, so tokio-postgres read its default; another
-    // mode means it found one where the split did not look.
-    if config.get_ssl_mode() != SslMode::Prefer {
-        tls = tls::Tls::refusing("sslmode is written where thorn cannot read it");
-    }
-    config.ssl_mode(ssl_mode);
-    // With only `hostaddr`, its addresses are the names the handshake
-    // checks: tokio-postgres refuses TLS without a host name.
-    if config.get_hosts().is_empty() {
-        for addr in config.get_hostaddrs().to_vec() {
-            config.host(addr.to_string());
-        }
-    }
-    // As libpq: no TLS is asked for over unix sockets, whatever the mode
-    // (the server would refuse it, failing `require`). A `hostaddr` is
-    // reached over TCP, whatever `host` says. tokio-postgres has one mode
-    // for all hosts, so a list that mixes sockets with TCP hosts keeps it.
-    let unix = |h: &Host| !matches!(h, Host::Tcp(_));
-    let hosts = config.get_hosts();
-    if !hosts.is_empty() && hosts.iter().all(unix) && config.get_hostaddrs().is_empty() {
-        config.ssl_mode(SslMode::Disable);
-        tls = tls::Tls::plain();
-    }
+    let (mut config, tls) = tls::parse(url)?;
     if config.get_application_name().is_none() {
         config.application_name("thorn");
     }

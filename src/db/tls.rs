@@ -156,11 +156,43 @@ impl Written {
     }
 }
 
+/// Parses a connection string: thorn reads the TLS options, tokio-postgres
+/// the rest, and the mode is set where libpq would use it.
+pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Tls), tokio_postgres::Error> {
+    use tokio_postgres::config::Host;
+    let (rest, ssl_mode, mut tls) = split(url);
+    let mut config: tokio_postgres::Config = rest.parse()?;
+    // `rest` holds no sslmode, so tokio-postgres read its default; another
+    // mode means it found one where the split did not look.
+    if config.get_ssl_mode() != SslMode::Prefer {
+        tls = Tls::refusing("sslmode is written where thorn cannot read it");
+    }
+    config.ssl_mode(ssl_mode);
+    // With only `hostaddr`, its addresses are the names the handshake
+    // checks: tokio-postgres refuses TLS without a host name.
+    if config.get_hosts().is_empty() {
+        for addr in config.get_hostaddrs().to_vec() {
+            config.host(addr.to_string());
+        }
+    }
+    // As libpq: no TLS is asked for over unix sockets, whatever the mode
+    // (the server would refuse it, failing `require`). A `hostaddr` is
+    // reached over TCP, whatever `host` says. tokio-postgres has one mode
+    // for all hosts, so a list that mixes sockets with TCP hosts keeps it.
+    let unix = |h: &Host| !matches!(h, Host::Tcp(_));
+    let hosts = config.get_hosts();
+    if !hosts.is_empty() && hosts.iter().all(unix) && config.get_hostaddrs().is_empty() {
+        config.ssl_mode(SslMode::Disable);
+        tls = Tls::plain();
+    }
+    Ok((config, tls))
+}
+
 /// Splits a connection string into what tokio-postgres reads and thorn's
 /// TLS options. A string this cannot take apart is passed on whole, for
 /// tokio-postgres to say what is wrong with it, and its connections fail
 /// (no option is ever taken to be its default by mistake).
-pub fn split(url: &str) -> (String, SslMode, Tls) {
+fn split(url: &str) -> (String, SslMode, Tls) {
     let Some((rest, written)) = take_options(url) else {
         let problem = "the connection string's options cannot be read (a quote left open?)";
         return (url.to_string(), SslMode::Require, Tls::refusing(problem));
@@ -255,12 +287,12 @@ fn key_values(s: &str) -> Option<Vec<(String, String, &str)>> {
 impl Tls {
     /// For a target reached without TLS whatever the options say (a unix
     /// socket): its files are not read.
-    pub fn plain() -> Tls {
+    fn plain() -> Tls {
         Tls(Arc::new(Ok(Settings::PLAIN)))
     }
 
     /// Fails every connection, and the config check, with `problem`.
-    pub fn refusing(problem: &str) -> Tls {
+    fn refusing(problem: &str) -> Tls {
         Tls(Arc::new(Err(problem.to_string())))
     }
 
@@ -308,7 +340,7 @@ impl Tls {
         let mut config = match &settings.client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = read_certificates(cert, "sslcert")?;
+                let chain = read_certificates(cert).map_err(|e| format!("sslcert {e}"))?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
                     format!("sslkey {}: no private key read from it: {e}", key.display())
                 })?;
@@ -329,7 +361,7 @@ fn root_store(roots: &Roots) -> Result<RootCertStore, String> {
     match roots {
         Roots::System => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         Roots::File(path) => {
-            for cert in read_certificates(path, "sslrootcert")? {
+            for cert in read_certificates(path).map_err(|e| format!("sslrootcert {e}"))? {
                 store
                     .add(cert)
                     .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
@@ -339,17 +371,15 @@ fn root_store(roots: &Roots) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// The certificates of a PEM file; at least one.
-fn read_certificates(
-    path: &std::path::Path,
-    option: &str,
-) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates of a PEM file; at least one. (Also the receivers'
+/// extra roots, `security.extra_ca_files`.)
+pub fn read_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{option} {}: {e}", path.display()))?;
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "{option} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
             path.display()
         ));
     }
